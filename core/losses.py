@@ -1,0 +1,79 @@
+"""In-batch contrastive loss over related note pairs (REFERENCE §6) and mICL mixing (§4).
+
+The math takes plain embedding tensors, never the model, so it is testable on random tensors.
+Cross-worker negatives go through `core.distributed.gather_embeddings`, the identity without a
+process group: single-process and multi-worker runs share this code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from core.distributed import gather_embeddings
+
+MASK_VALUE = -1e12  # official code's diagonal mask; finite so an all-masked row cannot make NaN
+
+
+def pair_positions(n_rows: int, device=None) -> torch.Tensor:
+    """Positive column of each row in a [q_1..q_B, t_1..t_B] block: q_i <-> t_i."""
+    if n_rows % 2:
+        raise ValueError(f"pair batch must have an even number of rows (2B), got {n_rows}")
+    half = n_rows // 2
+    idx = torch.arange(n_rows, device=device)
+    return torch.where(idx < half, idx + half, idx - half)
+
+
+def pair_contrastive_loss(
+    embeddings: torch.Tensor,
+    log_scale: torch.Tensor,
+    note_ids: torch.Tensor | None = None,
+    *,
+    gather: str = "no_grad",
+    max_log_scale: float | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE over [q_1..q_B, t_1..t_B] with every other gathered note as a negative.
+
+    Args:
+        embeddings: [2B, d] un-normalised note embeddings laid out [q_1..q_B, t_1..t_B].
+        log_scale: scalar tensor tau; logits are cos-similarities times e^tau.
+        note_ids: optional int [2B]; a column holding the same note as the row itself or the row's
+            positive (other than the positive) is dropped from the denominator.
+        gather: cross-worker mode of `gather_embeddings` (`none`, `no_grad`, `with_grad`).
+        max_log_scale: clamp tau to [0, max_log_scale] (None: no clamp).
+
+    Returns:
+        Scalar: mean cross-entropy over all 2B * world rows (the same value on every worker).
+    """
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be [2B, d], got shape {tuple(embeddings.shape)}")
+    n_local = embeddings.shape[0]
+    emb = F.normalize(embeddings.float(), dim=-1)
+    emb, _ = gather_embeddings(emb, gather)  # [M, d], M = 2B * world
+    world = emb.shape[0] // n_local
+    # Each worker's block is [q..., t...]; positives live inside the same block.
+    positives = (pair_positions(n_local, emb.device).repeat(world)
+                 + torch.arange(world, device=emb.device).repeat_interleave(n_local) * n_local)  # [M]
+
+    tau = log_scale.float()
+    if max_log_scale is not None:
+        tau = tau.clamp(0.0, max_log_scale)
+    sims = emb @ emb.T  # [M, M]
+    masked = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device)
+    if note_ids is not None:
+        if note_ids.shape[0] != n_local:
+            raise ValueError(f"note_ids must have {n_local} entries, got {note_ids.shape[0]}")
+        ids, _ = gather_embeddings(note_ids.reshape(-1, 1), "no_grad" if gather != "none" else "none")
+        ids = ids.reshape(-1)  # [M]
+        same_as_row = ids[None, :] == ids[:, None]
+        same_as_pos = ids[None, :] == ids[positives][:, None]
+        dup = same_as_row | same_as_pos
+        dup[torch.arange(dup.shape[0], device=dup.device), positives] = False  # keep the positive
+        masked = masked | dup
+    logits = (sims * tau.exp()).masked_fill(masked, MASK_VALUE)
+    return F.cross_entropy(logits, positives)
+
+
+def micl_loss(loss_v: torch.Tensor, loss_m: torch.Tensor, alpha: float) -> torch.Tensor:
+    """mICL mixing (REFERENCE §4): (L_v + alpha * L_m) / (1 + alpha)."""
+    return (loss_v + alpha * loss_m) / (1.0 + alpha)

