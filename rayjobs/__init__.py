@@ -1,0 +1,1 @@
+"""Entrypoints (`python -m rayjobs.<name>`): prepare_data, train, evaluate, tune, leaderboard, benchmark, demo."""

@@ -1,0 +1,272 @@
+"""`train_fn_per_worker`: the code each Ray Train worker runs (the only place calling ray.train.*
+and deepspeed.initialize). The driver is `rayjobs.train`; see its docstring for commands.
+
+Per step: pair batch from the Ray Data shard -> `core.step.forward_pair_batch` -> DeepSpeed
+backward/step. Every `train.checkpoint_every` steps, at each epoch end and at the end, all ranks
+write a DeepSpeed checkpoint (frozen weights excluded) plus `state.json`, reported with
+`ray.train.report`; rank 0 adds an inference export at the end.
+
+Resume guarantees: the optimizer step count, optimizer/scheduler state and RNG seeds are
+restored exactly. The data position is restored by skipping the batches already consumed in
+the interrupted epoch; Ray Data reshuffles nothing between runs (no random shuffle in the
+pipeline), so with the same worker count the same batches follow. With a different worker
+count ZeRO checkpoints do not load (DeepSpeed partitions by world size) and the run fails
+with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from core.config import RunConfig
+
+log = logging.getLogger("notellm2.train")
+
+STATE_FILE = "state.json"
+EXPORT_DIR = "export"
+CKPT_TAG = "ds"
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _init_process_group_if_local(use_gpu: bool) -> None:
+    """Ray Train local mode (num_workers=0) starts no process group; DeepSpeed needs one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    dist.init_process_group("nccl" if use_gpu else "gloo", rank=0, world_size=1)
+
+
+def _all_true(flag: bool, device) -> bool:
+    """True on every rank iff `flag` is true on every rank (ranks must agree to skip a step)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def _steps_per_epoch(cfg: RunConfig, world: int) -> int:
+    import pyarrow.parquet as pq
+
+    from core.data.pipeline import pairs_path
+
+    n_pairs = pq.ParquetFile(pairs_path(cfg.data.path, "train")).metadata.num_rows
+    # drop_last per worker: each worker sees ~n/world rows and yields floor(that / B) batches
+    return max(1, (n_pairs // max(world, 1)) // cfg.train.batch_size)
+
+
+def _save_checkpoint(engine, state: dict, cfg: RunConfig, rank: int, export: bool, tokenizer) -> str:
+    """All ranks write their DeepSpeed shard into a fresh local dir; Ray merges the dirs."""
+    tmp = tempfile.mkdtemp(prefix=f"ckpt-r{rank}-")
+    engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
+    if export:
+        _write_export(engine, cfg, rank, tokenizer, Path(tmp) / EXPORT_DIR)
+    if rank == 0:
+        # Written last: a checkpoint without state.json is incomplete and never resumed from.
+        (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+    return tmp
+
+
+def _write_export(engine, cfg: RunConfig, rank: int, tokenizer, out_dir: Path) -> None:
+    """Inference artefact (core.checkpoint format); under ZeRO-3 every rank helps gather."""
+    from core.checkpoint import save_export
+
+    params = list(engine.module.parameters())
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if rank == 0:
+                save_export(engine.module, tokenizer, cfg, out_dir)
+    elif rank == 0:
+        save_export(engine.module, tokenizer, cfg, out_dir)
+
+
+def _validate(engine, cfg: RunConfig, device) -> dict:
+    """Validation Recall@K on held-out pairs; every rank runs it (ZeRO-3 forwards are collective)."""
+    from core.evaluation import validation_recall
+
+    engine.module.eval()
+    try:
+        with torch.no_grad():
+            report = validation_recall(engine.module, cfg.data.path, cfg, device)
+    finally:
+        engine.module.train()
+    # final_metrics.json contract: R@<k> for all pairs, <subset>/R@<k> for the short subsets
+    flat = {}
+    for subset in ("all", "short_query", "short_target"):
+        for key, value in (report.get(subset) or {}).items():
+            if value is not None:
+                flat[key if subset == "all" else f"{subset}/{key}"] = float(value)
+    return flat
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Train one NoteLLM-2 run; `config["run"]` is a `RunConfig` dict."""
+    import deepspeed
+    import ray.train
+
+    from core.deepspeed_config import load_deepspeed_config
+    from core.model.builders import build_model, count_parameters
+    from core.step import forward_pair_batch
+
+    cfg = RunConfig.from_dict(config["run"], "train_loop_config")
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(t.use_gpu)
+    _init_process_group_if_local(t.use_gpu)
+    torch.manual_seed(t.seed)  # identical init on every rank; DeepSpeed also broadcasts rank 0's
+
+    model, tokenizer = build_model(cfg.model, cfg.loss, seed=t.seed)
+    model.to(device)
+    steps_per_epoch = _steps_per_epoch(cfg, world)
+    total_steps = steps_per_epoch * t.epochs
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+    ds_config = load_deepspeed_config(
+        t.deepspeed, micro_batch_size=t.batch_size, world_size=world, lr=t.lr, weight_decay=t.weight_decay,
+        warmup_steps=int(t.warmup_ratio * total_steps), total_steps=total_steps, grad_clip=t.grad_clip,
+        precision=t.precision, use_gpu=t.use_gpu,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+    )
+    if rank == 0:
+        counts = count_parameters(model)
+        print(f"[train] {cfg.train.name}: {world} worker(s), {t.deepspeed}, trainable {counts['trainable']:,} / "
+              f"{counts['total']:,} params, {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
+
+    step, start_epoch, skip_batches, history = 0, 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state_file = Path(ckpt_dir) / STATE_FILE
+            if not state_file.exists():
+                raise RuntimeError(f"checkpoint {ckpt_dir} has no {STATE_FILE}: it is incomplete")
+            state = json.loads(state_file.read_text())
+            if state.get("world_size") != world:
+                raise RuntimeError(
+                    f"checkpoint was written by {state.get('world_size')} workers but this run has {world}; "
+                    "ZeRO checkpoints only load at the same world size (set train.num_workers to match)")
+            engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_module_strict=False)
+        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
+        history = state.get("history", [])
+        if rank == 0:
+            print(f"[train] resumed from step {step} (epoch {start_epoch}, batch {skip_batches})", flush=True)
+
+    writer = None
+    run_dir = Path(t.storage_path) / t.name
+    if rank == 0 and "://" not in t.storage_path:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    shard = ray.train.get_dataset_shard("train")
+    skipped_nonfinite = 0
+    t_start, notes_seen = time.time(), 0
+    epoch = start_epoch
+    last_metrics: dict = {}
+
+    def report(metrics: dict, save: bool, final: bool = False) -> None:
+        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "world_size": world,
+                 "history": history[-2000:], "skipped_nonfinite": skipped_nonfinite}
+        if save:
+            tmp = _save_checkpoint(engine, state, cfg, rank, final, tokenizer)
+            try:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{step:08d}")
+            finally:
+                if t.num_workers > 0:  # local mode keeps the checkpoint where it was written
+                    shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+
+    def log_scalars(prefix: str, values: dict) -> None:
+        if writer is not None:
+            for k, v in values.items():
+                if k not in ("step", "epoch") and isinstance(v, float) and math.isfinite(v):
+                    writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    first_step = step
+    batches_in_epoch = skip_batches
+    while epoch < t.epochs and step < total_steps:
+        batches_in_epoch = 0
+        for batch in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
+            batches_in_epoch += 1
+            if epoch == start_epoch and batches_in_epoch <= skip_batches:
+                continue  # consumed before the interruption
+            t0 = time.time()
+            loss, metrics = forward_pair_batch(engine, batch, cfg.loss, device)
+            if not _all_true(bool(torch.isfinite(loss).item()), device):
+                skipped_nonfinite += 1
+                msg = f"[train] step {step + 1}: non-finite loss {loss.item()} ({skipped_nonfinite} skipped)"
+                if t.nan_policy == "stop":
+                    raise FloatingPointError(msg + "; nan_policy=stop")
+                if rank == 0:
+                    print(msg + "; step skipped (nan_policy=skip)", flush=True)
+                continue  # no backward: nothing reaches the weights or the checkpoint
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            notes = int(metrics.pop("notes").item()) * world
+            notes_seen += notes
+            row = {k: float(v) for k, v in metrics.items()}
+            grad_norm = engine.get_global_grad_norm()
+            row.update(step=step, epoch=epoch, lr=float(engine.get_lr()[0]),
+                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       notes_per_s=notes / max(time.time() - t0, 1e-9))
+            history.append({"step": step, "loss": row["loss"]})
+            last_metrics = row
+            log_scalars("train", row)
+            if rank == 0 and (step % t.log_every == 0 or step == total_steps):
+                elapsed = time.time() - t_start
+                eta = (total_steps - step) * elapsed / max(step - first_step, 1)
+                print(f"[train] step {step}/{total_steps} loss {row['loss']:.4f} temp {row['temperature']:.4f} "
+                      f"lr {row['lr']:.2e} {notes_seen / max(elapsed, 1e-9):.1f} notes/s ETA {eta:.0f}s", flush=True)
+            if step >= total_steps:
+                break
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                report(row, save=True)
+        if step >= total_steps:
+            break  # the final validation and checkpoint follow
+        epoch += 1
+        batches_in_epoch = 0
+        if cfg.eval.every_epoch:
+            val = _validate(engine, cfg, device)
+            log_scalars("val", val)
+            report({**last_metrics, **val, "step": step, "epoch": epoch}, save=True)
+    val = _validate(engine, cfg, device)
+    log_scalars("val", val)
+    if writer is not None:
+        writer.close()
+    final = {**last_metrics, **val, "step": step, "steps": step, "skipped_nonfinite": skipped_nonfinite,
+             "train_seconds": time.time() - t_start, "done": 1}
+    report(final, save=True, final=True)
