@@ -264,8 +264,8 @@ class EvalConfig:
 
     ks: list[int] = field(default_factory=lambda: [10, 100, 1000, 10000])
     """Recall@K cut-offs; a K larger than the candidate pool is reported as not applicable."""
-    metric: str = "all/R@100"
-    """Metric that ranks runs and trials (`<subset>/R@<k>`)."""
+    metric: str = "R@100"
+    """Metric that ranks runs and trials: `R@<k>` (all pairs) or `short_query/R@<k>`, `short_target/R@<k>`."""
     batch_size: int = 32
     """Notes per embedding batch."""
     chunk_size: int = 8192
@@ -277,9 +277,9 @@ class EvalConfig:
         s = "eval"
         if not isinstance(self.ks, list) or not self.ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.ks):
             _fail(s, "ks", self.ks, "a non-empty list of integers >= 1")
-        subset, _, k = self.metric.partition("/R@")
-        if subset not in ("all", "short_query", "short_target") or not k.isdigit():
-            _fail(s, "metric", self.metric, "'<all|short_query|short_target>/R@<k>'")
+        subset, _, name = self.metric.rpartition("/")
+        if subset not in ("", "short_query", "short_target") or not name.startswith("R@") or not name[2:].isdigit():
+            _fail(s, "metric", self.metric, "'R@<k>', 'short_query/R@<k>' or 'short_target/R@<k>'")
         _check_range(s, "batch_size", self.batch_size, lo=1)
         _check_range(s, "chunk_size", self.chunk_size, lo=1)
 

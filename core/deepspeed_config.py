@@ -12,7 +12,8 @@ exactly those keys from the run config, so one file serves a CPU smoke test and 
 Keys filled from the run (everything else comes from the file unchanged):
     train_micro_batch_size_per_gpu, gradient_accumulation_steps (always 1), train_batch_size,
     optimizer.params (lr, weight_decay, torch_adam), scheduler.params (warmup_max_lr,
-    warmup_num_steps, total_num_steps), gradient_clipping, bf16.enabled.
+    warmup_num_steps, total_num_steps; warmup_min_lr only when warmup_steps is 0),
+    gradient_clipping, bf16.enabled.
 
 `torch_adam` picks torch.optim.AdamW instead of DeepSpeed's compiled optimizers: FusedAdam and
 DeepSpeedCPUAdam are C++/CUDA ops built just-in-time, which CPU machines and pip-only CUDA
@@ -66,7 +67,9 @@ def load_deepspeed_config(
         world_size: number of training workers; train_batch_size = micro_batch_size * world_size.
         lr: peak learning rate reached at the end of warm-up.
         weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps (clamped to [0, total_steps]).
+        warmup_steps: linear warm-up steps from the file's warmup_min_lr (0) to `lr`, then linear
+            decay back to it by `total_steps` (DeepSpeed warms up over at least 2 steps, the
+            first two at LR 0). 0 means a constant LR of `lr` from the first step.
         total_steps: optimizer steps of the whole run; the LR decays linearly to 0 by then.
         grad_clip: gradient-norm clip; 0 disables clipping.
         precision: `float32` or `bfloat16` (sets bf16.enabled).
@@ -110,12 +113,16 @@ def load_deepspeed_config(
 
     sched = cfg.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {"warmup_type": "linear"}})
     sp = sched.setdefault("params", {})
-    warm = max(0, min(int(warmup_steps), total_steps))
-    if sched.get("type") == "WarmupCosineLR":
-        sp.update(total_num_steps=total_steps, warmup_num_steps=warm)  # ratios, not absolute LRs
+    # DeepSpeed's WarmupDecayLR rejects 0 warm-up steps, warms up over at least 2 and lags one
+    # step (step k runs at the LR computed after step k-1; step 0 at warmup_min_lr). A warm-up from
+    # 0 therefore spends the first two steps at LR 0. warmup_steps=0 is expressed as warm-up from
+    # lr to lr; since the decay ends at warmup_min_lr, that is a constant LR which trains from step 0.
+    warm = max(1, min(int(warmup_steps), total_steps))
+    if sched.get("type") == "WarmupCosineLR":  # ratios of the optimizer LR, not absolute LRs
+        sp.update(total_num_steps=total_steps, warmup_num_steps=warm)
     else:
         sp.update(warmup_max_lr=float(lr), warmup_num_steps=warm, total_num_steps=total_steps)
-        sp.setdefault("warmup_min_lr", 0.0)
+        sp["warmup_min_lr"] = float(lr) if int(warmup_steps) <= 0 else float(sp.get("warmup_min_lr", 0.0))
 
     cfg["gradient_clipping"] = float(grad_clip)
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": precision == "bfloat16"}

@@ -44,21 +44,26 @@ def target_ranks(
     candidate_emb: torch.Tensor,
     target_index: torch.Tensor,
     chunk_size: int = 8192,
-    query_chunk_size: int = 4096,
+    query_chunk_size: int = 2048,
+    score_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Exact 0-based rank of each query's target among the candidates.
 
-    rank_i = #{ j != t_i : <q_i, c_j> > <q_i, c_{t_i}> }. The target column is excluded
-    explicitly rather than relying on `>` being false for it: the target's score is computed by a
-    different kernel than the chunk's matmul, and a one-ulp difference must not count it as
-    above itself.
+    rank_i = #{ j != t_i : <q_i, c_j> > <q_i, c_{t_i}> }. Scores accumulate in `score_dtype`
+    (float64 by default) because a float32 matmul rounds differently for different chunk shapes:
+    on 100k random candidates about 1 query in 250 moved by one rank between two float32 kernels,
+    while float64 products of float32 inputs are exact and their sums err ~1e-16, far below any
+    real score gap. The target column is also excluded explicitly, so rounding can never count
+    the target as above itself.
 
     Args:
         query_emb: float [Q, d].
         candidate_emb: float [C, d], on the same device as `query_emb`.
         target_index: long [Q], each query's target row in `candidate_emb`.
         chunk_size: candidate rows scored at a time.
-        query_chunk_size: query rows scored at a time (memory is query_chunk_size x chunk_size).
+        query_chunk_size: query rows scored at a time (memory is query_chunk_size x chunk_size
+            scores in `score_dtype`: 128 MB at the defaults).
+        score_dtype: accumulation dtype; float32 is faster (GPU) at the cost of one-ulp rank flips.
 
     Returns:
         long [Q] ranks in [0, C - 1] on the device of the inputs.
@@ -70,13 +75,12 @@ def target_ranks(
     n_query, n_cand = query_emb.shape[0], candidate_emb.shape[0]
     ranks = torch.zeros(n_query, dtype=torch.long, device=query_emb.device)
     for qs in range(0, n_query, query_chunk_size):
-        q = query_emb[qs: qs + query_chunk_size]  # [q, d]
+        q = query_emb[qs: qs + query_chunk_size].to(score_dtype)  # [q, d]
         tgt = target_index[qs: qs + query_chunk_size]  # [q]
-        # Row-wise dot in the inputs' dtype; exact for the integer-valued ties the tests build.
-        tgt_score = (q * candidate_emb[tgt]).sum(dim=1, keepdim=True)  # [q, 1]
+        tgt_score = (q * candidate_emb[tgt].to(score_dtype)).sum(dim=1, keepdim=True)  # [q, 1]
         count = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         for cs in range(0, n_cand, chunk_size):
-            scores = q @ candidate_emb[cs: cs + chunk_size].T  # [q, c]
+            scores = q @ candidate_emb[cs: cs + chunk_size].to(score_dtype).T  # [q, c]
             above = scores > tgt_score  # [q, c]
             local = tgt - cs  # target column inside this chunk, if it is here
             inside = (local >= 0) & (local < scores.shape[1])

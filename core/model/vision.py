@@ -16,7 +16,7 @@ Implementations:
   1280-channel map (7 x 7 at 224) gives 49 patch tokens; its global average is the CLS vector.
 - `HFVisionEncoder`: any transformers vision tower (CLIP, SigLIP, ViT); CLS is token 0 when the
   model prepends one, the patch mean otherwise.
-- `TinyCNNEncoder`, `TinyViTEncoder`: random-init encoders a few thousand parameters big, for tests.
+- `TinyCNNEncoder`, `TinyViTEncoder`: random-init encoders (~15k parameters) for tests.
 """
 
 from __future__ import annotations

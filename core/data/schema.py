@@ -1,0 +1,283 @@
+"""The on-disk schemas of a prepared corpus (Parquet via pyarrow) and fail-fast readers.
+
+A prepared data directory holds:
+
+    notes.parquet        one row per note (NOTE_SCHEMA)
+    events.parquet       the validated click log (EVENT_SCHEMA)
+    pairs_train.parquet  mined related pairs for training (PAIR_SCHEMA + short flags)
+    pairs_test.parquet   greedily de-duplicated test pairs (PAIR_SCHEMA + short flags)
+    data_report.json     counts, and every skipped row with its reason
+
+Notes carry their image either inline (`image`: the encoded file bytes) or by reference
+(`image_uri`: a local path, `s3://` or `gs://` URI read through `pyarrow.fs`); both may be null
+(a text-only note, e.g. MovieLens). `source_id` keeps a corpus's own id when it is not an integer
+(a Tux Paint file path, a Qilin `note_idx` string).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+NOTES_FILE = "notes.parquet"
+EVENTS_FILE = "events.parquet"
+PAIRS_FILES = {"train": "pairs_train.parquet", "test": "pairs_test.parquet"}
+REPORT_FILE = "data_report.json"
+
+NOTE_SCHEMA = pa.schema([
+    pa.field("note_id", pa.int64(), nullable=False),
+    pa.field("title", pa.string()),
+    pa.field("topics", pa.list_(pa.string())),
+    pa.field("content", pa.string()),
+    pa.field("image", pa.binary()),
+    pa.field("image_uri", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("source_id", pa.string()),
+])
+
+EVENT_SCHEMA = pa.schema([
+    pa.field("user_id", pa.int64(), nullable=False),
+    pa.field("viewed_note_id", pa.int64(), nullable=False),
+    pa.field("clicked_note_id", pa.int64(), nullable=False),
+    pa.field("ts", pa.float64()),
+])
+
+PAIR_SCHEMA = pa.schema([
+    pa.field("query_id", pa.int64(), nullable=False),
+    pa.field("target_id", pa.int64(), nullable=False),
+    pa.field("score", pa.float64(), nullable=False),
+])
+
+SPLIT_PAIR_SCHEMA = PAIR_SCHEMA.append(pa.field("short_query", pa.bool_())).append(pa.field("short_target", pa.bool_()))
+
+
+class DataError(ValueError):
+    """Input data cannot be used at all; the message is one line naming the file or column."""
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    """Select and cast `table` to `schema`; optional (nullable) missing columns become nulls.
+
+    Raises:
+        DataError: a required column is missing or a column cannot be cast.
+    """
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            if col.type != field.type:
+                try:
+                    col = col.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                    raise DataError(f"{what}: column {field.name!r} of type {col.type} cannot become {field.type}: {err}") from None
+            cols.append(col)
+        elif field.nullable:
+            cols.append(pa.nulls(table.num_rows, field.type))
+        else:
+            raise DataError(f"{what}: required column {field.name!r} is missing (has {table.column_names})")
+    bad = [f.name for f, c in zip(schema, cols) if not f.nullable and c.null_count]
+    if bad:
+        raise DataError(f"{what}: required column(s) {bad} contain nulls; drop those rows first")
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file or a directory of them; an unreadable input fails with one line.
+
+    Raises:
+        DataError: `<path>: cannot read Parquet (<reason>)`.
+    """
+    path = str(path)
+    try:
+        if "://" in path:
+            return pq.read_table(path, columns=columns)
+        p = Path(path)
+        if p.is_dir():
+            files = sorted(p.rglob("*.parquet"))
+            if not files:
+                raise DataError(f"{path}: no .parquet files in this directory")
+            return pa.concat_tables([_read_one(f, columns) for f in files], promote_options="permissive")
+        return _read_one(p, columns)
+    except DataError:
+        raise
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: cannot read Parquet ({_one_line(err)})") from None
+
+
+def _read_one(path: Path, columns: list[str] | None) -> pa.Table:
+    try:
+        if columns is not None:
+            names = pq.ParquetFile(path).schema_arrow.names
+            columns = [c for c in columns if c in names]
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: cannot read Parquet ({_one_line(err)})") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def write_table(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write atomically (a temporary file then a rename) so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+
+
+def has_prepared_data(data_dir: str | os.PathLike) -> bool:
+    """True when `data_dir` holds notes and both pair files."""
+    if "://" in str(data_dir):
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(str(data_dir))
+        names = [NOTES_FILE, *PAIRS_FILES.values()]
+        infos = fs.get_file_info([f"{root.rstrip('/')}/{n}" for n in names])
+        return all(i.type == pafs.FileType.File for i in infos)
+    d = Path(data_dir)
+    return (d / NOTES_FILE).is_file() and all((d / f).is_file() for f in PAIRS_FILES.values())
+
+
+def data_path(data_dir: str | os.PathLike, name: str) -> str:
+    """`data_dir/name` for local paths and URIs alike."""
+    return f"{str(data_dir).rstrip('/')}/{name}"
+
+
+def validate_notes(notes: pa.Table, report, *, short_text_chars: int = 20, embed_images: bool = True,
+                   max_pixels: int | None = None, title_max_chars: int = 20, content_max_chars: int = 80,
+                   language: str = "en") -> tuple[pa.Table, list[int]]:
+    """Validate raw notes; return (clean notes in NOTE_SCHEMA, ids of short notes).
+
+    Rules (each drop or fix counted in `report`):
+    - null note_id -> note skipped (`notes.missing_note_id`); duplicate note_id -> later rows
+      skipped (`notes.duplicate_note_id`, the first row wins);
+    - title/content that are bytes and not valid UTF-8 -> note skipped (`notes.invalid_utf8`);
+      no title, no content and no topics -> note skipped (`notes.empty_text`);
+    - every image is decoded: an undecodable one (`corrupt`, `truncated`, `zero_bytes`,
+      `too_large`, `unreadable_uri`) is removed and the note kept text-only
+      (`images.<reason>`); a non-RGB one (CMYK, P, LA, RGBA, ...) is converted to RGB and
+      re-encoded as PNG (`converted.images.<mode>_to_RGB`). With `embed_images` an `image_uri`
+      is read and its bytes stored inline.
+    - short: len(title) + len(content) after `core.prompts.clean_note_text` < short_text_chars.
+    """
+    from core.data.images import MAX_IMAGE_PIXELS, decode_image, encode_png, read_uri
+    from core.prompts import clean_note_text
+
+    max_pixels = max_pixels or MAX_IMAGE_PIXELS
+    n_in = notes.num_rows
+    cols = {name: (notes.column(name).to_pylist() if name in notes.column_names else [None] * n_in) for name in NOTE_SCHEMA.names}
+    out = {name: [] for name in NOTE_SCHEMA.names}
+    seen: set[int] = set()
+    short_ids: list[int] = []
+    for i in range(n_in):
+        nid = cols["note_id"][i]
+        if nid is None:
+            report.skip("notes", "missing_note_id")
+            continue
+        nid = int(nid)
+        if nid in seen:
+            report.skip("notes", "duplicate_note_id")
+            continue
+        try:
+            title, content = _as_text(cols["title"][i]), _as_text(cols["content"][i])
+            topics = [_as_text(t) for t in (cols["topics"][i] or []) if t is not None]
+        except UnicodeDecodeError:
+            report.skip("notes", "invalid_utf8")
+            continue
+        topics = [t for t in topics if t.strip()]
+        if not (title.strip() or content.strip() or topics):
+            report.skip("notes", "empty_text")
+            continue
+        seen.add(nid)
+        image, uri = cols["image"][i], cols["image_uri"][i]
+        if image is not None or uri:
+            data = image
+            if data is None:
+                try:
+                    data = read_uri(uri)
+                except OSError:
+                    data = None
+                    report.skip("images", "unreadable_uri")
+                    image, uri = None, None
+            if data is not None:
+                img, reason, mode = decode_image(data, max_pixels)
+                if img is None:
+                    report.skip("images", reason)
+                    image, uri = None, None
+                elif mode != "RGB":
+                    report.convert("images", f"{mode}_to_RGB")
+                    image = encode_png(img)
+                elif embed_images:
+                    image = data
+        out["note_id"].append(nid)
+        out["title"].append(title)
+        out["topics"].append(topics)
+        out["content"].append(content)
+        out["image"].append(image)
+        out["image_uri"].append(uri)
+        out["category"].append(None if cols["category"][i] is None else str(cols["category"][i]))
+        out["source_id"].append(None if cols["source_id"][i] is None else str(cols["source_id"][i]))
+        text = clean_note_text(title, topics, content, language=language, title_max_chars=title_max_chars,
+                               content_max_chars=content_max_chars)
+        if len(text.title) + len(text.content) < short_text_chars:
+            short_ids.append(nid)
+    report.count("notes_in", n_in)
+    report.count("notes_out", len(out["note_id"]))
+    report.count("notes_with_image", sum(1 for a, b in zip(out["image"], out["image_uri"]) if a is not None or b))
+    report.count("short_notes", len(short_ids))
+    return pa.table(out, schema=NOTE_SCHEMA), short_ids
+
+
+def _as_text(value) -> str:
+    """str as is; bytes must be UTF-8 (raises UnicodeDecodeError); None -> ''."""
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8")
+    return str(value)
+
+
+def validate_events(events: pa.Table, note_ids, report) -> pa.Table:
+    """Drop (and count) events with null ids, NaN/negative timestamps or unknown notes.
+
+    A null timestamp is allowed (mining ignores time); NaN and negative ones are not.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n_in = events.num_rows
+    t = pa.table({name: (events.column(name) if name in events.column_names else pa.nulls(n_in, f.type)) for name, f in
+                  zip(EVENT_SCHEMA.names, EVENT_SCHEMA)})
+    for name in ("user_id", "viewed_note_id", "clicked_note_id"):
+        if name not in events.column_names:
+            raise DataError(f"events: required column {name!r} is missing (has {events.column_names})")
+    try:
+        t = pa.table({name: t.column(name).cast(f.type) for name, f in zip(EVENT_SCHEMA.names, EVENT_SCHEMA)})
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise DataError(f"events: cannot cast to {EVENT_SCHEMA}: {_one_line(err)}") from None
+
+    def drop(mask, reason):
+        nonlocal t
+        mask = pc.fill_null(mask, False)
+        report.skip("events", reason, int(pc.sum(mask).as_py() or 0))
+        t = t.filter(pc.invert(mask))
+
+    ids_valid = pc.and_(pc.and_(pc.is_valid(t["user_id"]), pc.is_valid(t["viewed_note_id"])), pc.is_valid(t["clicked_note_id"]))
+    drop(pc.invert(ids_valid), "missing_id")
+    drop(pc.is_nan(t["ts"]), "nan_timestamp")
+    drop(pc.less(t["ts"], 0.0), "negative_timestamp")
+    known = pa.array(np.asarray(note_ids, dtype=np.int64))
+    unknown = pc.or_(pc.invert(pc.is_in(t["viewed_note_id"], value_set=known)), pc.invert(pc.is_in(t["clicked_note_id"], value_set=known)))
+    drop(unknown, "unknown_note")
+    report.count("events_in", n_in)
+    report.count("events_out", t.num_rows)
+    return t

@@ -1,0 +1,212 @@
+"""core.config: bad values fail at construction naming field and allowed values, unknown keys
+get a did-you-mean, --set overrides parse, YAML round-trips, and every shipped config loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    dump_run_config,
+    load_run_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# (section class, field, bad value, substrings the message must contain)
+BAD_VALUES = [
+    (ModelConfig, "num_visual_tokens", 0, ["model.num_visual_tokens", "0", ">= 1"]),
+    (ModelConfig, "num_visual_tokens", -4, ["model.num_visual_tokens", "-4"]),
+    (ModelConfig, "num_visual_tokens", 2.5, ["model.num_visual_tokens", "integer"]),
+    (ModelConfig, "num_visual_tokens", True, ["model.num_visual_tokens"]),
+    (ModelConfig, "prompt_mode", "fancy", ["model.prompt_mode", "'fancy'", "text", "basic", "micl"]),
+    (ModelConfig, "connector", "perceiver", ["model.connector", "'perceiver'", "qformer", "mlp"]),
+    (ModelConfig, "language", "fr", ["model.language", "en", "zh"]),
+    (ModelConfig, "output_dim", 0, ["model.output_dim", ">= 1", "null"]),
+    (ModelConfig, "output_dim", -64, ["model.output_dim", "-64"]),
+    (ModelConfig, "dtype", "float16", ["model.dtype", "float32", "bfloat16"]),
+    (ModelConfig, "lora_rank", 0, ["model.lora_rank", "[1, inf]"]),
+    (ModelConfig, "lora_dropout", 1.0, ["model.lora_dropout", "[0, 1)"]),
+    (ModelConfig, "lora_targets", [], ["model.lora_targets", "non-empty list"]),
+    (ModelConfig, "llm", "", ["model.llm"]),
+    (ModelConfig, "image_size", 8, ["model.image_size", "[16, inf]"]),
+    (LossConfig, "alpha", -1.0, ["loss.alpha", "-1.0", "[0, inf]"]),
+    (LossConfig, "alpha", float("nan"), ["loss.alpha", "finite"]),
+    (LossConfig, "gather", "all", ["loss.gather", "none", "no_grad", "with_grad"]),
+    (LossConfig, "temperature_init", -0.5, ["loss.temperature_init", "-0.5"]),
+    (LossConfig, "temperature_init", 9.0, ["loss.temperature_init", "9.0"]),  # above max_log_scale
+    (TrainConfig, "lr", 0.0, ["train.lr", "(0, 1]"]),
+    (TrainConfig, "lr", -1e-4, ["train.lr", "-0.0001"]),
+    (TrainConfig, "lr", 5.0, ["train.lr", "(0, 1]"]),
+    (TrainConfig, "lr", "fast", ["train.lr", "a number"]),
+    (TrainConfig, "deepspeed", "zero4", ["train.deepspeed", "zero0", "zero3_offload"]),
+    (TrainConfig, "precision", "fp16", ["train.precision", "float32", "bfloat16"]),
+    (TrainConfig, "batch_size", 0, ["train.batch_size", "[1, inf]"]),
+    (TrainConfig, "warmup_ratio", 1.5, ["train.warmup_ratio", "[0, 1]"]),
+    (TrainConfig, "nan_policy", "ignore", ["train.nan_policy", "skip", "stop"]),
+    (TrainConfig, "num_workers", -1, ["train.num_workers"]),
+    (DataConfig, "corpus", "imagenet", ["data.corpus", "synthetic"]),
+    (DataConfig, "num_notes", 2, ["data.num_notes", "[4, inf]"]),
+    (EvalConfig, "ks", [0, 10], ["eval.ks", "integers >= 1"]),
+    (EvalConfig, "metric", "recall", ["eval.metric", "R@"]),
+]
+
+
+@pytest.mark.parametrize("cls, name, value, parts", BAD_VALUES,
+                         ids=[f"{c.__name__}.{n}={v!r}" for c, n, v, _ in BAD_VALUES])
+def test_bad_value_fails_at_construction(cls, name, value, parts):
+    with pytest.raises(ConfigError) as err:
+        cls(**{name: value})
+    msg = str(err.value)
+    for part in parts:
+        assert part in msg, f"{part!r} not in {msg!r}"
+    assert "allowed" in msg
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.num_visual_tokens=0", "model.num_visual_tokens"),
+    ("loss.alpha=-3", "loss.alpha"),
+    ("model.prompt_mode=fancy", "model.prompt_mode"),
+    ("model.output_dim=0", "model.output_dim"),
+    ("model.connector=perceiver", "model.connector"),
+    ("train.lr=0", "train.lr"),
+])
+def test_bad_value_through_loader_names_source_and_field(tmp_path, override, field):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {llm: tiny-llama}\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path, overrides=[override])
+    assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_defaults_are_valid_and_official_where_the_paper_says():
+    cfg = RunConfig()
+    assert cfg.loss.temperature_init == 3.0 and cfg.loss.alpha == 9.0
+    assert cfg.model.num_visual_tokens == 16 and cfg.model.output_dim == 64
+    assert cfg.train.weight_decay == 0.001 and cfg.train.warmup_ratio == 0.1
+    assert load_run_config(None) == cfg
+
+
+@pytest.mark.parametrize("raw, bad_key, suggestion", [
+    ({"model": {"num_visual_token": 8}}, "model.num_visual_token", "num_visual_tokens"),
+    ({"loss": {"alpah": 3}}, "loss.alpah", "alpha"),
+    ({"train": {"learning_rate": 1e-4}}, "train.learning_rate", None),
+    ({"modle": {}}, "modle", "model"),
+])
+def test_unknown_key_did_you_mean(raw, bad_key, suggestion):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(raw, source="x.yaml")
+    msg = str(err.value)
+    assert "x.yaml" in msg and f"unknown key '{bad_key}'" in msg
+    if suggestion:
+        assert f"did you mean '{suggestion}'" in msg
+    else:
+        assert "known:" in msg and "lr" in msg  # no close match: list what exists
+
+
+def test_unknown_override_section_and_malformed_override():
+    with pytest.raises(ConfigError, match="did you mean 'loss'"):
+        apply_overrides({}, ["los.alpha=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["alpha=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["loss.alpha"])
+
+
+def test_set_overrides_parse_as_yaml():
+    cfg = load_run_config(None, overrides=[
+        "loss.alpha=3",
+        "model.lora_targets=[q_proj,k_proj]",
+        "model.output_dim=null",
+        "model.late_fusion=false",
+        "train.lr=1e-4",
+        "eval.ks=[10, 100]",
+    ])
+    assert cfg.loss.alpha == 3.0 and isinstance(cfg.loss.alpha, float)
+    assert cfg.model.lora_targets == ["q_proj", "k_proj"]
+    assert cfg.model.output_dim is None
+    assert cfg.model.late_fusion is False
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.eval.ks == [10, 100]
+
+
+def test_overrides_do_not_mutate_the_input():
+    raw = {"loss": {"alpha": 9.0}}
+    out = apply_overrides(raw, ["loss.alpha=1"])
+    assert raw == {"loss": {"alpha": 9.0}} and out["loss"]["alpha"] == 1
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_run_config(None, overrides=["loss.alpha=3", "model.lora_targets=[q_proj,k_proj]",
+                                           "model.output_dim=null", "train.name=rt"])
+    path = tmp_path / "cfg.yaml"
+    dump_run_config(cfg, path)
+    back = load_run_config(path)
+    assert back == cfg
+    assert yaml.safe_load(path.read_text())["loss"]["alpha"] == 3.0
+
+
+def test_run_name_defaults_to_file_stem(tmp_path):
+    path = tmp_path / "my_run.yaml"
+    path.write_text("loss: {alpha: 1}\n")
+    assert load_run_config(path).train.name == "my_run"
+    assert load_run_config(path, overrides=["train.name=other"]).train.name == "other"
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model: 3\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_run_config(wrong)
+
+
+def test_yaml_ints_and_strings_coerce_to_floats_only_where_floats_are_meant():
+    cfg = RunConfig.from_dict({"train": {"lr": "1e-4", "weight_decay": 0}, "loss": {"alpha": 9}})
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.weight_decay, float)
+    assert isinstance(cfg.loss.alpha, float)
+    with pytest.raises(ConfigError, match="model.num_visual_tokens"):
+        RunConfig.from_dict({"model": {"num_visual_tokens": "16"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Every shipped file loads
+# ---------------------------------------------------------------------------------------------
+
+RUN_CONFIGS = sorted((ROOT / "rayjobs" / "configs").glob("*.yaml"))
+SWEEPS = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS or [None], ids=[p.name for p in RUN_CONFIGS] or ["none"])
+def test_shipped_run_config_loads(path):
+    if path is None:
+        pytest.skip("no rayjobs/configs/*.yaml yet")
+    cfg = load_run_config(path)
+    assert cfg.train.name == path.stem
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("path", SWEEPS or [None], ids=[p.name for p in SWEEPS] or ["none"])
+def test_shipped_search_space_is_yaml_with_metric_and_mode(path):
+    if path is None:
+        pytest.skip("no search_spaces/*.yaml yet")
+    spec = yaml.safe_load(path.read_text())
+    assert isinstance(spec, dict)
+    assert isinstance(spec.get("metric"), str) and spec["metric"]
+    assert spec.get("mode") in ("min", "max")

@@ -1,0 +1,224 @@
+"""The evaluation protocol on hand-made cases; the in-process embedding path with the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from core.evaluation import (
+    apply_modality,
+    build_protocol,
+    embed_notes_local,
+    evaluate_embeddings,
+    flatten_metrics,
+    k_label,
+    markdown_table,
+)
+
+
+def hand_pairs() -> pd.DataFrame:
+    # 4 deduplicated pairs; queries 1..4, targets 11..14; 20 is a test note in no pair of interest.
+    return pd.DataFrame({
+        "query_id": [1, 2, 3, 4],
+        "target_id": [11, 12, 13, 14],
+        "score": [1.0, 1.0, 1.0, 1.0],
+        "short_query": [True, False, True, False],
+        "short_target": [False, False, True, True],
+    })
+
+
+def hand_embeddings():
+    """2-D embeddings on the unit circle: angle decides the dot product, so ranks are easy to read.
+
+    Pool = {11, 12, 13, 14} (test notes minus queries). Each query sits at its target's angle
+    except query 2, which sits nearer 13 than its target 12 (rank 1), and query 4,
+    which is opposite its target (rank 3, last in a pool of 4).
+    """
+    angles = {11: 0.0, 12: 1.0, 13: 2.0, 14: 3.0, 1: 0.0, 2: 1.8, 3: 2.0, 4: 3.0 + np.pi}
+    ids = np.array(sorted(angles))
+    emb = np.stack([[np.cos(angles[i]), np.sin(angles[i])] for i in ids]).astype(np.float32)
+    return ids, emb
+
+
+def test_protocol_pool_is_test_notes_minus_queries():
+    p = build_protocol(hand_pairs())
+    assert p.pool_ids.tolist() == [11, 12, 13, 14]
+    assert p.query_ids.tolist() == [1, 2, 3, 4]
+    assert p.needed_ids().tolist() == [1, 2, 3, 4, 11, 12, 13, 14]
+    big = build_protocol(hand_pairs(), pool="all", all_note_ids=[1, 2, 3, 4, 11, 12, 13, 14, 20, 21])
+    assert big.pool_ids.tolist() == [11, 12, 13, 14, 20, 21]
+    assert build_protocol(hand_pairs(), max_queries=2).pool_ids.tolist() == [11, 12]
+
+
+def test_protocol_drops_pairs_whose_target_is_a_query():
+    pairs = pd.DataFrame({"query_id": [1, 2], "target_id": [2, 3], "short_query": [False, False], "short_target": [False, True]})
+    p = build_protocol(pairs)
+    assert p.dropped_pairs == 1 and p.query_ids.tolist() == [2] and p.short_target.tolist() == [True]
+
+
+def test_three_subsets_on_hand_made_case():
+    ids, emb = hand_embeddings()
+    metrics, per_query = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 2, 4, 100])
+    assert per_query.set_index("query_id")["rank"].to_dict() == {1: 0, 2: 1, 3: 0, 4: 3}
+    assert metrics["all"] == {"R@1": 0.5, "R@2": 0.75, "R@4": 1.0, "R@100": None}
+    # short_query = queries 1 and 3 (ranks 0, 0); short_target = queries 3 and 4 (ranks 0, 3)
+    assert metrics["short_query"] == {"R@1": 1.0, "R@2": 1.0, "R@4": 1.0, "R@100": None}
+    assert metrics["short_target"] == {"R@1": 0.5, "R@2": 0.5, "R@4": 1.0, "R@100": None}
+    assert metrics["num_queries"] == 4 and metrics["pool_size"] == 4
+    assert metrics["num"] == {"all": 4, "short_query": 2, "short_target": 2}
+    assert flatten_metrics(metrics)["short_target/R@2"] == 0.5
+    assert "all/R@100" not in flatten_metrics(metrics)
+    assert list(per_query.columns) == ["query_id", "target_id", "rank", "short_query", "short_target"]
+
+
+def test_faiss_index_path_matches_exact_on_hand_made_case():
+    pytest.importorskip("faiss")
+    ids, emb = hand_embeddings()
+    exact, _ = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 2, 4])
+    for kind in ("hnsw", "ivf"):
+        approx, per_query = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 2, 4], index=kind)
+        assert approx["all"] == exact["all"] and approx["short_query"] == exact["short_query"]
+        assert per_query["rank"].max() <= 4
+
+
+def test_embeddings_are_normalised_and_order_free():
+    ids, emb = hand_embeddings()
+    perm = np.random.default_rng(0).permutation(len(ids))
+    scaled = emb * np.linspace(1, 50, len(ids))[:, None].astype(np.float32)  # norms must not matter
+    m1, _ = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 2])
+    m2, _ = evaluate_embeddings(ids[perm], scaled[perm], build_protocol(hand_pairs()), ks=[1, 2])
+    assert m1 == m2
+
+
+def test_missing_embedding_is_a_clear_error():
+    ids, emb = hand_embeddings()
+    with pytest.raises(KeyError, match="no embedding"):
+        evaluate_embeddings(ids[1:], emb[1:], build_protocol(hand_pairs()), ks=[1])
+
+
+def test_apply_modality():
+    batch = {
+        "note_id": np.array([5, 6]),
+        "input_ids": np.array([[7, 8, 9, 0], [7, 9, 0, 0]]),
+        "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]]),
+        "pixel_values": np.full((2, 3, 4, 4), 200, dtype=np.uint8),
+        "has_image": np.array([True, True]),
+        "text_chars": np.array([30, 2]),
+    }
+    assert apply_modality(batch, "both")["input_ids"] is batch["input_ids"]
+    text = apply_modality(batch, "text")
+    assert not text["has_image"].any() and not text["pixel_values"].any()
+    assert batch["pixel_values"].all()  # input untouched
+    image = apply_modality(batch, "image", blank_ids=np.array([3, 4, 5, 6, 2]), pad_id=0)
+    assert image["input_ids"].tolist() == [[3, 4, 5, 6, 2]] * 2
+    assert image["attention_mask"].tolist() == [[1] * 5] * 2
+    assert image["text_chars"].tolist() == [0, 0]
+    assert image["pixel_values"] is batch["pixel_values"]
+    with pytest.raises(ValueError, match="blank_ids"):
+        apply_modality(batch, "image")
+    with pytest.raises(ValueError, match="modality"):
+        apply_modality(batch, "audio")
+
+
+def test_markdown_table_shape():
+    ids, emb = hand_embeddings()
+    metrics, _ = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 1000])
+    table = markdown_table({"both": metrics, "text": metrics})
+    lines = table.strip().splitlines()
+    assert lines[0] == ("| model | all R@1 | all R@1k | short_query R@1 | short_query R@1k | "
+                        "short_target R@1 | short_target R@1k | queries | pool |")
+    assert lines[2] == "| both | 50.00 | n/a | 100.00 | n/a | 50.00 | n/a | 4 | 4 |"
+    assert len(lines) == 4
+    assert [k_label(k) for k in (10, 100, 1000, 10000, 10**6)] == ["10", "100", "1k", "10k", "1M"]
+
+
+class _DotModel(torch.nn.Module):
+    """Stand-in model: embedding = mean of the unmasked token ids + image flag (tracks mode too)."""
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, has_image=None):
+        from types import SimpleNamespace
+
+        m = attention_mask.float()
+        text = (input_ids.float() * m).sum(1) / m.sum(1)
+        img = has_image.float() if has_image is not None else torch.zeros(len(input_ids))
+        mode = torch.full_like(text, float(self.training))
+        return SimpleNamespace(multimodal=torch.stack([text, img, mode], dim=1), visual=None, log_scale=torch.tensor(3.0))
+
+
+def test_embed_notes_local_batches_and_restores_mode():
+    n = 7
+    notes = {
+        "note_id": torch.arange(100, 100 + n),
+        "input_ids": torch.arange(n * 3).view(n, 3),
+        "attention_mask": torch.ones(n, 3, dtype=torch.long),
+        "pixel_values": torch.zeros(n, 3, 4, 4, dtype=torch.uint8),
+        "has_image": torch.ones(n, dtype=torch.bool),
+    }
+    model = _DotModel().train()
+    ids, emb = embed_notes_local(model, notes, "cpu", batch_size=3)
+    assert model.training  # restored
+    assert ids.tolist() == list(range(100, 100 + n))
+    assert emb.shape == (n, 3) and (emb[:, 2] == 0).all()  # ran in eval mode
+    ids2, emb2 = embed_notes_local(model, [{k: v[:4] for k, v in notes.items()}, {k: v[4:] for k, v in notes.items()}], "cpu", 2)
+    assert torch.equal(ids, ids2) and torch.equal(emb, emb2)
+    _, emb_text = embed_notes_local(model, notes, "cpu", 3, modality="text")
+    assert (emb_text[:, 1] == 0).all() and (emb[:, 1] == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# With the real tiny model and a synthetic prepared dataset (need core.model / core.data)
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_eval_setup(root, num_notes: int = 120):
+    """A synthetic prepared corpus, a tiny random-init model, its export and run-config YAML.
+
+    Returns a namespace: model, tokenizer, cfg (RunConfig), data_dir, export_dir, config_path.
+    """
+    from types import SimpleNamespace
+
+    from core.checkpoint import save_export
+    from core.config import DataConfig, EvalConfig, ModelConfig, RunConfig, dump_run_config
+    from core.model.builders import build_model
+    from rayjobs.prepare_data import prepare
+    from tests.conftest import tiny_model_dict
+
+    data_dir = root / "data"
+    prepare("synthetic", data_dir, num_notes=num_notes, seed=0)
+    cfg = RunConfig(model=ModelConfig(**tiny_model_dict()), data=DataConfig(path=str(data_dir), num_notes=num_notes),
+                    eval=EvalConfig(ks=[1, 5, 10, 100_000], batch_size=8, chunk_size=16))
+    model, tokenizer = build_model(cfg.model, cfg.loss, seed=0)
+    model.eval()
+    export_dir = save_export(model, tokenizer, cfg, root / "export")
+    config_path = root / "tiny.yaml"
+    dump_run_config(cfg, config_path)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, cfg=cfg, data_dir=str(data_dir), export_dir=str(export_dir),
+                           config_path=str(config_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return tiny_eval_setup(tmp_path_factory.mktemp("eval"))
+
+
+def test_validation_recall_runs_and_modalities_differ(tiny_run):
+    from core.evaluation import validation_recall
+
+    cfg = tiny_run.cfg
+    results = {m: validation_recall(tiny_run.model, tiny_run.data_dir, cfg, "cpu", modality=m, return_per_query=True)
+               for m in ("both", "image", "text")}
+    metrics, per_query = results["both"]
+    assert set(metrics) >= {"all", "short_query", "short_target", "num_queries", "pool_size", "num"}
+    assert metrics["num_queries"] == len(per_query) > 0
+    assert metrics["all"]["R@100000"] is None  # K beyond the pool: not applicable
+    for subset in ("all", "short_query", "short_target"):
+        assert set(metrics[subset]) == {f"R@{k}" for k in cfg.eval.ks}
+    assert 0 < metrics["num"]["short_query"] < metrics["num_queries"]
+    # The ablations change the note embeddings, hence the ranks.
+    ranks = {m: r[1]["rank"].to_numpy() for m, r in results.items()}
+    assert not np.array_equal(ranks["both"], ranks["image"])
+    assert not np.array_equal(ranks["both"], ranks["text"])
+    few = validation_recall(tiny_run.model, tiny_run.data_dir, cfg, "cpu", max_queries=5)
+    assert few["num_queries"] == 5

@@ -1,0 +1,170 @@
+"""Exact ranks and Recall@K against a brute-force full sort; the FAISS path against exact."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from core.metrics import (
+    approximate_recall_at_k,
+    approximate_target_ranks,
+    format_recall,
+    recall_at_k,
+    recall_from_ranks,
+    recall_report,
+    target_ranks,
+)
+
+
+def brute_force_ranks(q: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Reference: sort every query's full score row, rank = first position holding the target's
+    score (a stable descending sort puts all ties at the same start, matching 'strictly higher')."""
+    scores = (q.double() @ c.double().T)  # [Q, C]
+    ranks = []
+    for i in range(q.shape[0]):
+        row = scores[i]
+        order = torch.argsort(row, descending=True, stable=True)
+        sorted_scores = row[order]
+        # Position of the first score equal to the target's: the number strictly above it.
+        ranks.append(int((sorted_scores > row[t[i]]).sum()))
+    return torch.tensor(ranks)
+
+
+def brute_force_recall(q, c, t, ks):
+    ranks = brute_force_ranks(q, c, t)
+    return {k: float((ranks < k).double().mean()) for k in ks}
+
+
+def tied_data(seed: int, n_query: int = 40, n_cand: int = 300, dim: int = 6):
+    """Small-integer embeddings: dot products are exact in float32 and ties are frequent."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (n_query, dim), generator=g).float()
+    c = torch.randint(-2, 3, (n_cand, dim), generator=g).float()
+    c[1] = c[0]  # duplicate candidate rows: an exact tie with whichever is the target
+    t = torch.randint(0, n_cand, (n_query,), generator=g)
+    t[:5] = 0
+    return q, c, t
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranks_match_full_sort_with_exact_ties(seed):
+    q, c, t = tied_data(seed)
+    ranks = target_ranks(q, c, t, chunk_size=37, query_chunk_size=7)
+    assert torch.equal(ranks, brute_force_ranks(q, c, t))
+    # The duplicated row 1 ties the target row 0 and so must not push it down.
+    scores_equal = (q[:5] @ c[1]) == (q[:5] @ c[0])
+    assert scores_equal.all()
+
+
+def test_recall_matches_brute_force_random_floats():
+    g = torch.Generator().manual_seed(3)
+    q, c = torch.randn(64, 16, generator=g), torch.randn(500, 16, generator=g)
+    t = torch.randint(0, 500, (64,), generator=g)
+    ks = [1, 5, 10, 50, 100, 499, 500, 1000]
+    got = recall_at_k(q, c, t, ks, chunk_size=64)
+    want = brute_force_recall(q, c, t, ks)
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_chunked_equals_unchunked():
+    g = torch.Generator().manual_seed(4)
+    q, c = torch.randn(50, 8, generator=g), torch.randn(1000, 8, generator=g)
+    t = torch.randint(0, 1000, (50,), generator=g)
+    full = target_ranks(q, c, t, chunk_size=10**6, query_chunk_size=10**6)
+    for cs, qs in [(1, 50), (7, 3), (999, 1), (1000, 50)]:
+        assert torch.equal(target_ranks(q, c, t, chunk_size=cs, query_chunk_size=qs), full)
+
+
+def test_all_tied_pool_gives_rank_zero():
+    q = torch.ones(3, 4)
+    c = torch.ones(10, 4)
+    t = torch.tensor([0, 5, 9])
+    assert target_ranks(q, c, t).tolist() == [0, 0, 0]
+    assert recall_at_k(q, c, t, [1]) == {1: 1.0}
+
+
+def test_hand_made_ranks():
+    # Query scores against candidates: [3, 1, 2, 2]; target 2 (score 2) has one strictly higher.
+    q = torch.tensor([[1.0, 0.0]])
+    c = torch.tensor([[3.0, 0.0], [1.0, 0.0], [2.0, 5.0], [2.0, -5.0]])
+    assert target_ranks(q, c, torch.tensor([2])).tolist() == [1]
+    assert target_ranks(q, c, torch.tensor([1])).tolist() == [3]
+    assert recall_at_k(q, c, torch.tensor([2]), [1, 2]) == {1: 0.0, 2: 1.0}
+
+
+def test_k_beyond_pool_is_one_in_contract_but_na_in_report():
+    q, c, t = tied_data(5, n_cand=20)
+    assert recall_at_k(q, c, t, [20, 50])[50] == 1.0
+    report = recall_report(target_ranks(q, c, t), [10, 20, 50], pool_size=20)
+    assert report["R@50"] is None
+    assert report["R@20"] == 1.0
+    assert format_recall(report["R@50"]) == "n/a"
+    assert format_recall(0.74612) == "74.61"
+
+
+def test_no_queries():
+    out = recall_from_ranks(torch.zeros(0, dtype=torch.long), [1, 10])
+    assert all(math.isnan(v) for v in out.values())
+    assert recall_report(torch.zeros(0, dtype=torch.long), [1], pool_size=5) == {"R@1": None}
+
+
+def test_bad_inputs_raise():
+    q, c = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="target_index"):
+        target_ranks(q, c, torch.tensor([0, 1, 5]))
+    with pytest.raises(ValueError, match="dim"):
+        target_ranks(q, torch.randn(5, 3), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="target_index"):
+        target_ranks(q, c, torch.tensor([0, 1]))
+
+
+def clustered_data(n_clusters=50, per_cluster=80, dim=32, n_query=200, seed=0):
+    """Unit vectors around cluster centres; each query's target is a near neighbour in its cluster."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, dim))
+    cand = np.repeat(centres, per_cluster, axis=0) + 0.3 * rng.standard_normal((n_clusters * per_cluster, dim))
+    cand /= np.linalg.norm(cand, axis=1, keepdims=True)
+    target = rng.choice(len(cand), n_query, replace=False)
+    query = cand[target] + 0.15 * rng.standard_normal((n_query, dim))
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    return torch.tensor(query, dtype=torch.float32), torch.tensor(cand, dtype=torch.float32), torch.tensor(target)
+
+
+@pytest.mark.parametrize("kind,kw", [("hnsw", {"ef_search": 128}), ("ivf", {"nprobe": 8})])
+def test_faiss_close_to_exact_on_clustered_data(kind, kw):
+    pytest.importorskip("faiss")
+    q, c, t = clustered_data()
+    out = approximate_recall_at_k(q, c, t, [1, 10, 100], kind, compare_exact=True, **kw)
+    assert set(out) == {"recall", "exact", "recall_loss"}
+    for k in (1, 10, 100):
+        assert abs(out["recall_loss"][k]) <= 0.05, (kind, k, out)
+        assert out["recall_loss"][k] == pytest.approx(out["exact"][k] - out["recall"][k])
+    assert out["exact"][100] > 0.5  # the data is easy enough for the comparison to mean something
+
+
+def test_faiss_ranks_mark_missing_targets():
+    pytest.importorskip("faiss")
+    q, c, t = clustered_data(n_query=20)
+    ranks = approximate_target_ranks(q, c, t, max_k=3, kind="hnsw")
+    exact = target_ranks(q, c, t)
+    assert ranks.shape == (20,) and ranks.max() <= 3
+    # Where the exact rank is beyond the list, the approximate one says "not retrieved".
+    assert np.all(ranks[exact.numpy() >= 3] == 3)
+
+
+def test_missing_faiss_gives_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_faiss(name, *a, **kw):
+        if name == "faiss":
+            raise ImportError("no faiss")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        approximate_recall_at_k(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), [1])

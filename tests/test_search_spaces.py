@@ -1,0 +1,110 @@
+"""Every shipped sweep validates; the schema rejects bad sweeps with messages naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.config import RunConfig
+from search_spaces import SweepError, load_sweep, shipped_spaces, sweep_from_dict
+from search_spaces.schema import overrides_from_params
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_BASE = str(REPO / "rayjobs/configs/smoke.yaml")
+
+
+def _sweep(**over) -> dict:
+    raw = {
+        "base_config": SMOKE_BASE, "metric": "R@10", "mode": "max", "num_samples": 3,
+        "parameters": {"loss.alpha": {"type": "choice", "values": [1.0, 9.0]}},
+        "scheduler": {"type": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2},
+    }
+    raw.update(over)
+    return raw
+
+
+def test_expected_spaces_are_shipped():
+    assert {p.stem for p in shipped_spaces()} >= {"smoke", "demo", "paper"}
+
+
+@pytest.mark.parametrize("path", shipped_spaces(), ids=lambda p: p.stem)
+def test_shipped_space_validates(path: Path):
+    spec = load_sweep(path)
+    assert spec.name == path.stem
+    assert spec.searched, "a sweep searches something"
+    # the header comment names the launch command
+    assert f"python -m rayjobs.tune --space search_spaces/{path.name}" in path.read_text()
+    # every corner of the space gives a valid run config
+    base = spec.base_raw()
+    for key, param in spec.searched.items():
+        for value in param.probe_values():
+            assert isinstance(spec.run_config({key: value}, base), RunConfig)
+    assert set(spec.optuna_space()) == set(spec.searched)
+
+
+def test_smoke_space_matches_the_brief():
+    spec = load_sweep(REPO / "search_spaces/smoke.yaml")
+    assert spec.num_samples == 3 and spec.metric == "R@10" and spec.mode == "max"
+    assert set(spec.searched) == {"model.num_visual_tokens", "loss.alpha", "loss.temperature_init"}
+    assert spec.parameters["loss.temperature_init"].type == "loguniform"
+    cfg = spec.run_config({"model.num_visual_tokens": 2, "loss.alpha": 1.0, "loss.temperature_init": 1.7})
+    assert (cfg.model.num_visual_tokens, cfg.loss.alpha, cfg.loss.temperature_init) == (2, 1.0, 1.7)
+
+
+def test_paper_space_covers_the_ablation_grid():
+    spec = load_sweep(REPO / "search_spaces/paper.yaml")
+    p = spec.parameters
+    assert p["model.num_visual_tokens"].values == [8, 16, 32, 48]
+    assert p["loss.alpha"].values == [1.0, 3.0, 9.0, 19.0]
+    assert p["loss.temperature_init"].type == "loguniform" and p["train.lr"].type == "loguniform"
+    assert {"model.lora_rank", "model.prompt_mode", "model.late_fusion"} <= set(spec.searched)
+    assert spec.metric == "R@100"
+    cfg = spec.run_config({})
+    assert cfg.model.lora is True  # fixed: lora_rank is only meaningful with LoRA
+
+
+def test_overrides_round_trip_through_apply_overrides():
+    assert overrides_from_params({"loss.alpha": 3.0, "model.prompt_mode": "micl", "model.late_fusion": False,
+                                  "train.lr": 1e-5}) == [
+        "loss.alpha=3.0", "model.prompt_mode=micl", "model.late_fusion=false", "train.lr=1.0e-05"]
+    spec = sweep_from_dict(_sweep(), "t.yaml")
+    cfg = spec.run_config({"model.prompt_mode": "basic", "train.lr": 1e-5, "model.late_fusion": False})
+    assert (cfg.model.prompt_mode, cfg.train.lr, cfg.model.late_fusion) == ("basic", 1e-5, False)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"metrc": "R@10"}, "did you mean 'metric'"),
+    ({"parameters": {"loss.alpah": {"type": "choice", "values": [1.0]}}}, "did you mean 'alpha'"),
+    ({"parameters": {"los.alpha": {"type": "choice", "values": [1.0]}}}, "did you mean 'loss'"),
+    ({"parameters": {"alpha": {"type": "choice", "values": [1.0]}}}, "section.key"),
+    ({"parameters": {"loss.alpha": {"type": "choise", "values": [1.0]}}}, "choice"),
+    ({"parameters": {"loss.alpha": {"type": "choice", "valeus": [1.0]}}}, "did you mean 'values'"),
+    ({"parameters": {"loss.alpha": {"type": "uniform", "low": 2.0, "high": 1.0}}}, "must be below"),
+    ({"parameters": {"loss.alpha": {"type": "loguniform", "low": 0.0, "high": 1.0}}}, "log scale"),
+    ({"parameters": {"loss.alpha": {"type": "choice", "values": [1.0, -1.0]}}}, "loss.alpha"),
+    ({"parameters": {"model.prompt_mode": {"type": "choice", "values": ["micl", "fancy"]}}}, "prompt_mode"),
+    ({"parameters": {"loss.alpha": {"type": "fixed", "value": 3.0}}}, "at least one parameter"),
+    ({"metric": "all/R@10"}, "reported without a prefix: 'R@10'"),
+    ({"metric": "R@7"}, "never reported"),
+    ({"mode": "maximum"}, "mode"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"scheduler": {"type": "hyperband"}}, "scheduler.type"),
+    ({"scheduler": {"max_tt": 3}}, "did you mean 'max_t'"),
+    ({"scheduler": {"max_t": 2, "grace_period": 3}}, "grace_period"),
+    ({"base_config": "nope/missing.yaml"}, "not found"),
+])
+def test_bad_sweeps_are_rejected(over: dict, message: str):
+    with pytest.raises(SweepError, match=None) as err:
+        sweep_from_dict(_sweep(**over), "bad.yaml")
+    assert message in str(err.value) and "bad.yaml" in str(err.value)
+
+
+def test_bare_value_pins_a_key(tmp_path: Path):
+    raw = _sweep(parameters={"loss.alpha": {"type": "choice", "values": [1.0, 3.0]}, "train.max_steps": 4})
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_sweep(path)
+    assert spec.name == "mine" and spec.fixed == {"train.max_steps": 4}
+    assert spec.run_config({"loss.alpha": 3.0}).train.max_steps == 4
