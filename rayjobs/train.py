@@ -33,6 +33,17 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Absolute data/storage paths: Ray workers do not run in the driver's working directory."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, path=storage_uri(cfg.data.path)),
+        train=dataclasses.replace(cfg.train, storage_path=storage_uri(cfg.train.storage_path)),
+    )
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray.
 
@@ -91,6 +102,7 @@ def build_trainer(cfg: RunConfig):
 
 def run_training(cfg: RunConfig) -> dict:
     """Fit one run; returns final metrics plus `run_dir`, `checkpoint` and `export` paths."""
+    cfg = resolve_paths(cfg)
     ensure_ray()
     ensure_data(cfg)
     started = time.time()

@@ -75,9 +75,9 @@ def _all_true(flag: bool, device) -> bool:
 def _steps_per_epoch(cfg: RunConfig, world: int) -> int:
     import pyarrow.parquet as pq
 
-    from core.data.pipeline import pairs_path
+    from core.data.pipeline import PAIRS_FILES, data_path
 
-    n_pairs = pq.ParquetFile(pairs_path(cfg.data.path, "train")).metadata.num_rows
+    n_pairs = pq.read_metadata(data_path(cfg.data.path, PAIRS_FILES["train"])).num_rows
     # drop_last per worker: each worker sees ~n/world rows and yields floor(that / B) batches
     return max(1, (n_pairs // max(world, 1)) // cfg.train.batch_size)
 

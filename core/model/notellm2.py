@@ -136,7 +136,8 @@ class NoteLLM2(nn.Module):
         self.num_visual_tokens = int(num_visual_tokens)
         self.img_token_id = int(img_token_id)
         self.img_emb_token_id = int(img_emb_token_id)
-        self.log_scale = nn.Parameter(torch.tensor(float(log_scale_init)), requires_grad=learnable_temperature)
+        # Shape [1], not a 0-dim scalar: DeepSpeed's gloo broadcast cannot view 0-dim tensors as bytes.
+        self.log_scale = nn.Parameter(torch.tensor([float(log_scale_init)]), requires_grad=learnable_temperature)
 
     @property
     def uses_image(self) -> bool:
@@ -211,5 +212,5 @@ class NoteLLM2(nn.Module):
         return NoteEmbeddings(
             multimodal=multimodal.float(),
             visual=None if visual_note is None else visual_note.float(),
-            log_scale=self.log_scale,
+            log_scale=self.log_scale.reshape(()),
         )
