@@ -82,6 +82,14 @@ def _steps_per_epoch(cfg: RunConfig, world: int) -> int:
     return max(1, (n_pairs // max(world, 1)) // cfg.train.batch_size)
 
 
+def _trainable_checksum(engine) -> float | None:
+    """Sum of the trainable weights (float64); None under ZeRO-3, where each rank holds a shard."""
+    if engine.zero_optimization_stage() == 3:
+        return None
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in engine.module.parameters() if p.requires_grad))
+
+
 def _save_checkpoint(engine, state: dict, cfg: RunConfig, rank: int, export: bool, tokenizer) -> str:
     """All ranks write their DeepSpeed shard into a fresh local dir; Ray merges the dirs."""
     tmp = tempfile.mkdtemp(prefix=f"ckpt-r{rank}-")
@@ -177,6 +185,9 @@ def train_fn_per_worker(config: dict) -> None:
                     f"checkpoint was written by {state.get('world_size')} workers but this run has {world}; "
                     "ZeRO checkpoints only load at the same world size (set train.num_workers to match)")
             engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_module_strict=False)
+        expected, restored = state.get("trainable_checksum"), _trainable_checksum(engine)
+        if expected is not None and restored is not None and not math.isclose(expected, restored, rel_tol=1e-9, abs_tol=1e-6):
+            raise RuntimeError(f"checkpoint restore mismatch: trainable weights sum {restored} != saved {expected}")
         step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
         history = state.get("history", [])
         if rank == 0:
@@ -197,7 +208,8 @@ def train_fn_per_worker(config: dict) -> None:
 
     def report(metrics: dict, save: bool, final: bool = False) -> None:
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "world_size": world,
-                 "history": history[-2000:], "skipped_nonfinite": skipped_nonfinite}
+                 "history": history[-2000:], "skipped_nonfinite": skipped_nonfinite,
+                 "trainable_checksum": _trainable_checksum(engine)}
         if save:
             tmp = _save_checkpoint(engine, state, cfg, rank, final, tokenizer)
             try:
@@ -208,6 +220,16 @@ def train_fn_per_worker(config: dict) -> None:
                     shutil.rmtree(tmp, ignore_errors=True)
         else:
             ray.train.report(metrics)
+
+    jit_saved = False
+
+    def preemption_pending() -> bool:
+        """True once per run when Ray reports an imminent preemption (a collective: all ranks call it)."""
+        nonlocal jit_saved
+        if jit_saved or t.num_workers == 0:
+            return False
+        jit_saved = ray.train.get_preemption_info() is not None
+        return jit_saved
 
     def log_scalars(prefix: str, values: dict) -> None:
         if writer is not None:
@@ -254,6 +276,11 @@ def train_fn_per_worker(config: dict) -> None:
             if step >= total_steps:
                 break
             if t.checkpoint_every and step % t.checkpoint_every == 0:
+                report(row, save=True)
+            elif preemption_pending():
+                # A node of this run is draining (spot reclaim): save now, keep training until it goes.
+                if rank == 0:
+                    print(f"[train] node preemption notice at step {step}: just-in-time checkpoint", flush=True)
                 report(row, save=True)
         if step >= total_steps:
             break  # the final validation and checkpoint follow

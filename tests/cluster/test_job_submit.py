@@ -1,0 +1,174 @@
+"""`ray job submit` against a real token-authenticated Ray head on 127.0.0.1 (issue #7).
+
+The head comes from `ray_head` in tests/cluster/conftest.py (the `ray` CLI, a temp token, free
+ports). What is checked is what cluster/README.md promises:
+- the smoke training job, submitted with `--working-dir . --runtime-env cluster/runtime_env.yaml`
+  and the token in the environment, succeeds and leaves its metrics and export on storage;
+- the same submission without the token, or with a wrong one, is refused before anything runs,
+  and so is a bare HTTP request to the Jobs API;
+- the dashboard / Jobs API listens on loopback only, and the GCS (which listens on every
+  interface) refuses a driver without the token.
+
+    pytest tests/cluster/test_job_submit.py -m slow     # about 4 minutes on 2 busy CPU cores
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI, as in conftest.py
+
+pytestmark = pytest.mark.slow
+
+SMOKE = "rayjobs/configs/smoke.yaml"
+JOB_TIMEOUT_S = 600
+CLI_TIMEOUT_S = 180
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def submit_cmd(head, submission_id: str, storage: Path, data: Path) -> list[str]:
+    """The README's submission command, pointed at this head and at temp storage."""
+    return [
+        RAY, "job", "submit", "--address", head.dashboard_url, "--no-wait", "--submission-id", submission_id,
+        "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
+        "python", "-m", "rayjobs.train", "--config", SMOKE,
+        "--set", f"train.storage_path={storage}", "--set", f"data.path={data}", "--set", "train.name=submitted",
+    ]
+
+
+def ray_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+
+def job_info(head, submission_id: str) -> requests.Response:
+    return requests.get(f"{head.dashboard_url}/api/jobs/{submission_id}", headers=head.auth_header, timeout=30)
+
+
+def job_logs(head, submission_id: str) -> str:
+    """`ray job logs` with the token; the output (or the CLI's error) for failure messages."""
+    out = ray_cli([RAY, "job", "logs", "--address", head.dashboard_url, submission_id], head.client_env())
+    return (out.stdout + out.stderr)[-8000:]
+
+
+def wait_for_job(head, submission_id: str) -> dict:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    info: dict = {}
+    while time.monotonic() < deadline:
+        r = job_info(head, submission_id)
+        assert r.status_code == 200, f"GET /api/jobs/{submission_id}: HTTP {r.status_code} {r.text[:300]}"
+        info = r.json()
+        if info["status"] in TERMINAL:
+            return info
+        time.sleep(5)
+    subprocess.run([RAY, "job", "stop", "--address", head.dashboard_url, "--no-wait", submission_id],
+                   env=head.client_env(), capture_output=True, timeout=CLI_TIMEOUT_S)
+    pytest.fail(f"job {submission_id} still {info.get('status')} after {JOB_TIMEOUT_S}s; logs:\n"
+                f"{job_logs(head, submission_id)}")
+
+
+def test_submitted_smoke_job_succeeds_and_writes_artefacts(ray_head, tmp_path):
+    smoke = yaml.safe_load((ROOT / SMOKE).read_text())
+    storage, data = tmp_path / "runs", tmp_path / "data"
+    sid = f"smoke-{uuid.uuid4().hex[:8]}"
+
+    sub = ray_cli(submit_cmd(ray_head, sid, storage, data), ray_head.client_env())
+    assert sub.returncode == 0, f"ray job submit failed ({sub.returncode}):\n{sub.stdout}\n{sub.stderr}"
+    assert sid in sub.stdout + sub.stderr
+
+    info = wait_for_job(ray_head, sid)
+    logs = job_logs(ray_head, sid)
+    assert info["status"] == "SUCCEEDED", f"job {sid} {info['status']}: {info.get('message')}\nlogs:\n{logs}"
+    assert "[train] run directory:" in logs, logs
+
+    run_dir = storage / "submitted"
+    final_path = run_dir / "final_metrics.json"
+    assert final_path.is_file(), f"no {final_path}; run dir holds {sorted(p.name for p in run_dir.glob('*'))}\n{logs}"
+    final = json.loads(final_path.read_text())
+    assert final["steps"] == smoke["train"]["max_steps"]
+    recall = {k for k in final if k.startswith("R@")}
+    assert recall >= {f"R@{k}" for k in smoke["eval"]["ks"] if k <= 10}, sorted(final)
+    assert all(0.0 <= final[k] <= 1.0 for k in recall)
+    assert (run_dir / "export" / "model.safetensors").is_file(), sorted(p.name for p in (run_dir / "export").glob("*"))
+    # The job ran from the uploaded copy: data and runs went where --set said, not into the repo.
+    assert (data / "pairs_train.parquet").is_file()
+
+
+@pytest.mark.parametrize("credentials", ["none", "token_without_mode", "mode_without_token", "wrong_token"])
+def test_submission_without_the_token_is_refused(ray_head, clean_env, tmp_path, credentials):
+    # HOME is an empty dir, so ~/.ray/auth_token is not found either.
+    home = tmp_path / "home"
+    home.mkdir()
+    # (environment, what the CLI says): the server answers 401 to no token and 403 to a wrong
+    # one; in token mode without any token the CLI itself refuses before sending anything.
+    env, expected = {
+        "none": (clean_env(HOME=str(home)), "Authentication required"),
+        # The CLI sends a token only in token mode: the client needs RAY_AUTH_MODE=token too.
+        "token_without_mode": (clean_env(HOME=str(home), RAY_AUTH_TOKEN_PATH=str(ray_head.token_path)),
+                               "Authentication required"),
+        "mode_without_token": (clean_env(HOME=str(home), RAY_AUTH_MODE="token"),
+                               "couldn't find an authentication token"),
+        "wrong_token": (clean_env(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
+                        "Authentication failed"),
+    }[credentials]
+    sid = f"refused-{credentials}-{uuid.uuid4().hex[:6]}"
+
+    out = ray_cli(submit_cmd(ray_head, sid, tmp_path / "runs", tmp_path / "data"), env)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, f"submission without a valid token was accepted:\n{text}"
+    assert expected in text and "Token authentication is enabled" in text, text
+    assert job_info(ray_head, sid).status_code == 404, "a refused submission must not create a job"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_jobs_api_needs_the_bearer_token(ray_head):
+    url = f"{ray_head.dashboard_url}/api/jobs/"
+
+    bare = requests.get(url, timeout=30)
+    assert bare.status_code == 401, (bare.status_code, bare.text[:300])
+    wrong = requests.get(url, headers={"Authorization": "Bearer " + "0" * 64}, timeout=30)
+    assert wrong.status_code == 403, (wrong.status_code, wrong.text[:300])
+    bare_post = requests.post(url, json={"entrypoint": "echo should-not-run"}, timeout=30)
+    assert bare_post.status_code == 401, (bare_post.status_code, bare_post.text[:300])
+
+    ok = requests.get(url, headers=ray_head.auth_header, timeout=30)
+    assert ok.status_code == 200, (ok.status_code, ok.text[:300])
+    assert isinstance(ok.json(), list)
+    # Behind a proxy that owns `Authorization`, Ray also reads X-Ray-Authorization.
+    proxied = requests.get(url, headers={"X-Ray-Authorization": f"Bearer {ray_head.token}"}, timeout=30)
+    assert proxied.status_code == 200, (proxied.status_code, proxied.text[:300])
+    # Health checks stay public (KubeRay's probes and load balancers carry no token).
+    assert requests.get(f"{ray_head.dashboard_url}/api/gcs_healthz", timeout=30).status_code == 200
+
+
+def test_dashboard_listens_on_loopback_only(ray_head):
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == ray_head.dashboard_port]
+    assert listening, f"nothing listens on dashboard port {ray_head.dashboard_port}"
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
+
+
+def test_gcs_refuses_a_driver_without_the_token(ray_head, clean_env, tmp_path):
+    # Unlike the dashboard, the GCS, raylet and agents listen on every interface (Ray resolves
+    # 127.0.0.1 to the node's reachable IP): there the token is the only guard.
+    connect = [sys.executable, "-c",
+               f"import ray; ray.init(address='{ray_head.gcs_address}'); print('CONNECTED', ray.cluster_resources())"]
+    home = tmp_path / "home"
+    home.mkdir()
+    refused = subprocess.run(connect, env=clean_env(HOME=str(home)), capture_output=True, text=True,
+                             timeout=CLI_TIMEOUT_S)
+    text = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "CONNECTED" not in text, text[-3000:]
+    assert "InvalidAuthToken" in text, text[-3000:]
+    accepted = subprocess.run(connect, env=ray_head.client_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert accepted.returncode == 0 and "CONNECTED" in accepted.stdout, (accepted.stdout + accepted.stderr)[-3000:]
