@@ -12,6 +12,10 @@ the interrupted epoch; Ray Data reshuffles nothing between runs (no random shuff
 pipeline), so with the same worker count the same batches follow. With a different worker
 count ZeRO checkpoints do not load (DeepSpeed partitions by world size) and the run fails
 with a clear message.
+
+A checkpoint cut off mid-write (no `state.json`, an unreadable one, or a truncated shard file)
+is never resumed from: `resume_candidates` falls back to the newest complete `checkpoint_*`
+directory next to it in the run's storage and logs which one is used (local/NFS storage).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -88,6 +93,62 @@ def _trainable_checksum(engine) -> float | None:
         return None
     with torch.no_grad():
         return float(sum(p.detach().double().sum() for p in engine.module.parameters() if p.requires_grad))
+
+
+def checkpoint_problem(ckpt_dir: str | os.PathLike) -> str | None:
+    """Why a checkpoint directory cannot be resumed from, or None when it looks complete.
+
+    Complete means: `state.json` parses and names a step, and the DeepSpeed tag directory holds
+    model states whose every `.pt` shard opens as a zip archive (torch's format keeps its index
+    at the end of the file, so a file cut off mid-write fails here without unpickling anything).
+    """
+    d = Path(ckpt_dir)
+    try:
+        state = json.loads((d / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} unreadable ({type(err).__name__})"
+    if not isinstance(state, dict) or not {"step", "epoch", "batches_in_epoch", "world_size"} <= set(state):
+        return f"{STATE_FILE} lacks step/epoch/batches_in_epoch/world_size"
+    shards = sorted((d / CKPT_TAG).glob("*.pt"))
+    if not any(f.name.endswith("model_states.pt") for f in shards):
+        return f"no DeepSpeed model states under {CKPT_TAG}/"
+    for f in shards:
+        try:
+            with zipfile.ZipFile(f):
+                pass
+        except (OSError, zipfile.BadZipFile):
+            return f"shard {f.relative_to(d)} is truncated or corrupt"
+    return None
+
+
+def resume_candidates(latest: str | os.PathLike) -> list[Path]:
+    """`latest` (the checkpoint Ray reports) then the older `checkpoint_*` dirs beside it, newest first."""
+    latest = Path(latest)
+    older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name), reverse=True)
+    return [latest, *older]
+
+
+def _pick_resume_dir(checkpoint, rank: int, device) -> Path | None:
+    """The newest complete checkpoint, starting from Ray's latest; all ranks agree on the choice.
+
+    Every rank inspects every shard of a candidate (not only its own), so ranks that share the
+    storage reach the same verdict; `_all_true` makes that agreement explicit.
+    """
+    if "://" in str(checkpoint.path) or not Path(checkpoint.path).is_dir():
+        return None  # remote storage: trust Ray's latest (validated after download)
+    for candidate in resume_candidates(checkpoint.path):
+        problem = checkpoint_problem(candidate)
+        if _all_true(problem is None, device):
+            if candidate != Path(checkpoint.path) and rank == 0:
+                print(f"[train] resuming from the previous complete checkpoint {candidate.name}", flush=True)
+            return candidate
+        if rank == 0:
+            print(f"[train] checkpoint {candidate} is unusable ({problem or 'incomplete on another rank'}); "
+                  "trying the previous one", flush=True)
+    raise RuntimeError(f"no complete checkpoint under {Path(checkpoint.path).parent}: every checkpoint_* dir is "
+                       f"incomplete; delete the run directory to start over")
 
 
 def _save_checkpoint(engine, state: dict, cfg: RunConfig, rank: int, export: bool, tokenizer) -> str:
@@ -175,11 +236,14 @@ def train_fn_per_worker(config: dict) -> None:
     step, start_epoch, skip_batches, history = 0, 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        local_dir = _pick_resume_dir(checkpoint, rank, device)
+        if local_dir is not None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(local_dir))
         with checkpoint.as_directory() as ckpt_dir:
-            state_file = Path(ckpt_dir) / STATE_FILE
-            if not state_file.exists():
-                raise RuntimeError(f"checkpoint {ckpt_dir} has no {STATE_FILE}: it is incomplete")
-            state = json.loads(state_file.read_text())
+            problem = checkpoint_problem(ckpt_dir)
+            if problem:
+                raise RuntimeError(f"checkpoint {ckpt_dir} is incomplete: {problem}")
+            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
             if state.get("world_size") != world:
                 raise RuntimeError(
                     f"checkpoint was written by {state.get('world_size')} workers but this run has {world}; "
@@ -191,7 +255,8 @@ def train_fn_per_worker(config: dict) -> None:
         step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
         history = state.get("history", [])
         if rank == 0:
-            print(f"[train] resumed from step {step} (epoch {start_epoch}, batch {skip_batches})", flush=True)
+            print(f"[train] resumed from step {step} (epoch {start_epoch}, batch {skip_batches}) "
+                  f"of {Path(str(checkpoint.path)).name}", flush=True)
 
     writer = None
     run_dir = Path(t.storage_path) / t.name
