@@ -786,7 +786,9 @@ def render_markdown(report: dict) -> str:
         "absolute figures give min / median / max over repeats.", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, GPU: {m['gpu'] or 'none'}; "
         f"torch {m['torch']}, ray {m['ray']}, Python {m['python']}; load average at start "
-        f"{', '.join(f'{x:.1f}' for x in m['load_avg_start'])} (other jobs were running).", "",
+        f"{', '.join(f'{x:.1f}' for x in m['load_avg_start'])}, at the end "
+        f"{', '.join(f'{x:.1f}' for x in m.get('load_avg_end', []))} (1/5/15 min; other jobs shared the machine, so "
+        "single ratios carry that noise: compare min/median/max before reading a change as real).", "",
     ]
     for name, res in report["suites"].items():
         lines += [f"## {name}", ""]
@@ -826,8 +828,9 @@ ANALYSIS_FILE_NOTES: dict[str, str] = {
         "this machine: float64 GEMM ~9.5 GFLOP/s vs float32 ~33 GFLOP/s on 2 cores, a descending argsort of a 1M-float "
         "row ~170 ms). The exact path's cost is the C x d score products, which `core.metrics.target_ranks` accumulates "
         "in float64 by design (exact ranks, no one-ulp flips between chunk shapes); the argsort baseline's cost is "
-        "C log C sorting per query plus a float32 GEMM. At 64-d the sort dominates the baseline and the chunked count "
-        "wins by far more than 5x; at 576-d one float64 product row costs about as much as sorting it, so the speed-up "
+        "C log C sorting per query plus a float32 GEMM. At 64-d over 100k candidates the sort dominates the baseline and "
+        "the chunked count wins by ~5x; over 1M with only 32 queries the per-chunk float64 copy of the candidates is "
+        "amortised over few queries (~3x); at 576-d one float64 product row costs about as much as sorting it, so the speed-up "
         "falls to ~1-2x (the `speedup_f32_*` rows show `score_dtype=float32` recovering ~3x of it). Memory is the "
         "actual win at every size: bounded by query_chunk x chunk_size scores, independent of C, while the baseline "
         "holds a [Q, C] score matrix plus int64 indices. Proposed fix (core/metrics.py, not changed here): score in "

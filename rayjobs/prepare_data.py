@@ -6,6 +6,14 @@ Local (CPU, seconds):
     python -m rayjobs.prepare_data --corpus tuxpaint --out runs/data/tuxpaint --short-fraction 0.3
     python -m rayjobs.prepare_data --corpus movielens --out runs/data/movielens --top-t 5
     python -m rayjobs.prepare_data --corpus qilin --input /data/qilin --image-root /data/qilin/images --out runs/data/qilin
+    python -m rayjobs.prepare_data --corpus parquet --input my_corpus/ --out runs/data/mine
+
+`--corpus parquet` reads your own corpus: `<input>/notes.parquet` (columns of
+`core.data.schema.NOTE_SCHEMA`; only `note_id` is required; title/content may be binary, and
+non-UTF-8 rows are skipped and counted) and `<input>/events.parquet` (`user_id`,
+`viewed_note_id`, `clicked_note_id`, optional `ts`). A missing required column, a column that
+looks like a misspelt one, or a value of the wrong type stops with one line naming the file,
+row and field.
 
 On a Ray cluster (the script runs on the head node; `--out` must be storage the workers see,
 e.g. NFS, or copy the folder to s3:// afterwards):
@@ -33,7 +41,7 @@ def prepare(corpus, out_dir, **opts) -> dict:
     """Build a prepared data directory; returns the report dict (also written as JSON).
 
     Args:
-        corpus: an adapter name (`synthetic`, `tuxpaint`, `movielens`, `qilin`) or a
+        corpus: an adapter name (`synthetic`, `tuxpaint`, `movielens`, `qilin`, `parquet`) or a
             `core.data.corpora.Corpus` (raw notes + events, e.g. from a test).
         out_dir: local output directory (created).
         **opts: num_notes, seed, short_fraction, lower, upper, top_t, test_fraction,
@@ -53,6 +61,8 @@ def prepare(corpus, out_dir, **opts) -> dict:
     t0 = time.time()
     if isinstance(corpus, Corpus):
         raw = corpus
+    elif corpus == "parquet":
+        raw = read_parquet_corpus(o["input"])
     else:
         adapter_opts = {k: v for k, v in o.items() if k not in ("lower", "upper", "top_t", "test_fraction", "short_text_chars", "embed_images")}
         raw = build_corpus(corpus, **adapter_opts)
@@ -92,12 +102,85 @@ def prepare(corpus, out_dir, **opts) -> dict:
     return report.to_dict()
 
 
+def read_parquet_corpus(input_dir) -> "Corpus":
+    """A user corpus: `<input_dir>/notes.parquet` + `<input_dir>/events.parquet` (module docstring).
+
+    Raises:
+        DataError: one line naming the file and, for a bad value, its row and field.
+    """
+    import pyarrow as pa
+
+    from core.data import schema
+    from core.data.corpora import Corpus
+    from core.data.report import DataReport
+
+    if not input_dir:
+        raise schema.DataError("parquet: --input DIR is required (a folder with notes.parquet and events.parquet)")
+    root = Path(input_dir)
+    report = DataReport()
+    tables = {}
+    for name, sch, textual in (("notes.parquet", schema.NOTE_SCHEMA, ("title", "content", "topics")),
+                               ("events.parquet", schema.EVENT_SCHEMA, ())):
+        path = root / name
+        if not path.is_file():
+            raise schema.DataError(f"{path}: not found (--corpus parquet needs notes.parquet and events.parquet in --input)")
+        table = schema.read_table(path)
+        tables[name] = _conform_rows(table, sch, path, textual, report)
+    return Corpus("parquet", tables["notes.parquet"], tables["events.parquet"], report)
+
+
+def _conform_rows(table, sch, path, textual, report):
+    """Cast `table` to schema `sch` column by column; text columns may stay binary (validated later)."""
+    import difflib
+
+    import pyarrow as pa
+
+    from core.data.schema import DataError
+
+    names = sch.names
+    for col in table.column_names:
+        if col not in names:
+            near = difflib.get_close_matches(col, names, n=1, cutoff=0.75)
+            if near and near[0] not in table.column_names:
+                raise DataError(f"{path}: unknown column {col!r} (did you mean {near[0]!r}?)")
+            report.info.setdefault("ignored_columns", {}).setdefault(path.name, []).append(col)
+    cols = {}
+    for field in sch:
+        if field.name not in table.column_names:
+            if not field.nullable:
+                raise DataError(f"{path}: required column {field.name!r} is missing (has {table.column_names})")
+            continue
+        col = table.column(field.name)
+        binary_text = field.name in textual and (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)
+                                                 or (pa.types.is_list(col.type) and pa.types.is_binary(col.type.value_type)))
+        if col.type != field.type and not binary_text:
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                raise DataError(_first_bad_value(col, field, path)) from None
+        cols[field.name] = col
+    return pa.table(cols)
+
+
+def _first_bad_value(col, field, path) -> str:
+    """The message for a column that does not cast: the first row whose value does not."""
+    import pyarrow as pa
+
+    for i, value in enumerate(col.to_pylist()):
+        try:
+            pa.array([value], type=col.type).cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            return f"{path}: row {i}, field {field.name!r}: {value!r} is not a valid {field.type} (column type {col.type})"
+    return f"{path}: field {field.name!r}: column type {col.type} cannot become {field.type}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rayjobs.prepare_data", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--corpus", required=True, choices=("synthetic", "tuxpaint", "movielens", "qilin"), help="corpus adapter")
+    p.add_argument("--corpus", required=True, choices=("synthetic", "tuxpaint", "movielens", "qilin", "parquet"),
+                   help="corpus adapter; parquet: your own notes.parquet + events.parquet in --input")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--input", default=None, help="source directory (qilin: required; tuxpaint/movielens: overrides the installed asset)")
+    p.add_argument("--input", default=None, help="source directory (qilin, parquet: required; tuxpaint/movielens: overrides the installed asset)")
     p.add_argument("--image-root", default=None, help="qilin: directory or URI the image paths are relative to")
     p.add_argument("--num-notes", type=int, default=None, help="corpus size (synthetic) or a seeded subset (others); default: adapter's")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of generation, subsets and the split")

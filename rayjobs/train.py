@@ -37,6 +37,13 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     """Absolute data/storage paths: Ray workers do not run in the driver's working directory."""
     import dataclasses
 
+    if os.environ.get("RAY_ADDRESS"):
+        for field, value in (("data.path", cfg.data.path), ("train.storage_path", cfg.train.storage_path)):
+            if "://" not in value and not os.path.isabs(value):
+                # under `ray job submit` the working dir is a temporary copy on the head node only
+                print(f"[train] warning: {field}={value!r} is relative; on a cluster it resolves inside the "
+                      "job's temporary working-dir copy. Use shared storage (s3://..., /mnt/efs/...).",
+                      file=sys.stderr, flush=True)
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, path=storage_uri(cfg.data.path)),
@@ -47,8 +54,11 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray.
 
-    Locally Ray gets twice the physical cores as logical CPUs (at least 4): Train workers
-    mostly wait on matrix maths while the Ray Data pipeline needs CPU slots of its own.
+    Locally Ray gets four times the physical cores as logical CPUs (at least 8). Logical CPUs
+    are scheduling slots, not threads: a Tune trial's driver, the Train workers, the Ray Data
+    preprocessing actors and Ray Data's read/join tasks each hold slots, and with only as many
+    slots as cores the read tasks starve and the input pipeline stalls. Torch threads per worker
+    follow `train.cpus_per_worker` (Ray sets OMP_NUM_THREADS from it).
     """
     import ray
 
@@ -57,13 +67,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    cpus = num_cpus or max(8, 4 * (os.cpu_count() or 1))
     ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
 
 
 def ensure_data(cfg: RunConfig) -> None:
-    """Prepare the corpus named in `data.corpus` when `data.path` has no prepared data."""
-    if "://" in cfg.data.path or (Path(cfg.data.path) / "pairs_train.parquet").exists():
+    """Prepare the corpus named in `data.corpus` when `data.path` has no prepared data; check
+    prepared data (pairs must name existing notes: the pipeline's join would drop them silently)."""
+    if "://" in cfg.data.path:
+        return
+    if (Path(cfg.data.path) / "pairs_train.parquet").exists():
+        from core.data.schema import check_prepared
+
+        check_prepared(cfg.data.path)
         return
     from rayjobs.prepare_data import prepare
 
@@ -103,8 +119,8 @@ def build_trainer(cfg: RunConfig):
 def run_training(cfg: RunConfig) -> dict:
     """Fit one run; returns final metrics plus `run_dir`, `checkpoint` and `export` paths."""
     cfg = resolve_paths(cfg)
+    ensure_data(cfg)  # before Ray starts: bad data fails in seconds
     ensure_ray()
-    ensure_data(cfg)
     started = time.time()
     result = build_trainer(cfg).fit()
     if result.error:
@@ -155,7 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    final = run_training(cfg)
+    from core.data.schema import DataError
+
+    try:
+        final = run_training(cfg)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"[train] run directory: {final['run_dir']}")
     recall = {k: v for k, v in final.items() if k.startswith("R@")}
     print(f"[train] steps {final['steps']} loss {final.get('loss', float('nan')):.4f} " + " ".join(f"{k} {v:.4f}" for k, v in recall.items()))

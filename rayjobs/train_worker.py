@@ -123,27 +123,41 @@ def checkpoint_problem(ckpt_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def _ckpt_order(path: Path) -> tuple[int, str]:
+    digits = path.name.removeprefix("checkpoint_")[:8]
+    return (int(digits) if digits.isdigit() else -1, path.name)
+
+
 def resume_candidates(latest: str | os.PathLike) -> list[Path]:
     """`latest` (the checkpoint Ray reports) then the older `checkpoint_*` dirs beside it, newest first."""
     latest = Path(latest)
-    older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name), reverse=True)
-    return [latest, *older]
+    older = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and _ckpt_order(p) < _ckpt_order(latest)]
+    return [latest, *sorted(older, key=_ckpt_order, reverse=True)]
 
 
-def _pick_resume_dir(checkpoint, rank: int, device) -> Path | None:
+def _pick_resume_dir(checkpoint, rank: int, device) -> tuple[Path | None, str]:
     """The newest complete checkpoint, starting from Ray's latest; all ranks agree on the choice.
 
     Every rank inspects every shard of a candidate (not only its own), so ranks that share the
     storage reach the same verdict; `_all_true` makes that agreement explicit.
+
+    Returns:
+        (directory or None for remote storage, suffix for the names of later checkpoints). After
+        a fall-back the suffix is non-empty: the steps after the fall-back point are saved again,
+        and reusing the names of the broken checkpoints would let Ray's retention delete a
+        directory it still lists.
     """
     if "://" in str(checkpoint.path) or not Path(checkpoint.path).is_dir():
-        return None  # remote storage: trust Ray's latest (validated after download)
+        return None, ""  # remote storage: trust Ray's latest (checked after download)
+    n_dirs = len(list(Path(checkpoint.path).parent.glob("checkpoint_*")))
     for candidate in resume_candidates(checkpoint.path):
         problem = checkpoint_problem(candidate)
         if _all_true(problem is None, device):
-            if candidate != Path(checkpoint.path) and rank == 0:
+            if candidate == Path(checkpoint.path):
+                return candidate, ""
+            if rank == 0:
                 print(f"[train] resuming from the previous complete checkpoint {candidate.name}", flush=True)
-            return candidate
+            return candidate, f"-resume{n_dirs}"
         if rank == 0:
             print(f"[train] checkpoint {candidate} is unusable ({problem or 'incomplete on another rank'}); "
                   "trying the previous one", flush=True)
@@ -234,9 +248,10 @@ def train_fn_per_worker(config: dict) -> None:
               f"{counts['total']:,} params, {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
 
     step, start_epoch, skip_batches, history = 0, 0, 0, []
+    ckpt_suffix = ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        local_dir = _pick_resume_dir(checkpoint, rank, device)
+        local_dir, ckpt_suffix = _pick_resume_dir(checkpoint, rank, device)
         if local_dir is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(local_dir))
         with checkpoint.as_directory() as ckpt_dir:
@@ -279,7 +294,7 @@ def train_fn_per_worker(config: dict) -> None:
             tmp = _save_checkpoint(engine, state, cfg, rank, final, tokenizer)
             try:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{step:08d}")
+                                 checkpoint_dir_name=f"checkpoint_{step:08d}{ckpt_suffix}")
             finally:
                 if t.num_workers > 0:  # local mode keeps the checkpoint where it was written
                     shutil.rmtree(tmp, ignore_errors=True)

@@ -281,3 +281,31 @@ def validate_events(events: pa.Table, note_ids, report) -> pa.Table:
     report.count("events_in", n_in)
     report.count("events_out", t.num_rows)
     return t
+
+
+def check_prepared(data_dir: str | os.PathLike) -> None:
+    """Fail fast on a prepared directory whose pairs name notes it does not hold.
+
+    The training pipeline joins pairs with notes (an inner join), so a pair pointing at a missing
+    note would vanish silently; this reads only the id columns and names the first such pair.
+
+    Raises:
+        DataError: `<pairs file>: row <i>, field '<query_id|target_id>': note <id> is not in notes.parquet`.
+    """
+    import numpy as np
+
+    notes_file = data_path(data_dir, NOTES_FILE)
+    ids = np.sort(read_table(notes_file, columns=["note_id"]).column("note_id").to_numpy(zero_copy_only=False))
+    for name in PAIRS_FILES.values():
+        pairs_file = data_path(data_dir, name)
+        pairs = read_table(pairs_file, columns=["query_id", "target_id"])
+        for field in ("query_id", "target_id"):
+            if field not in pairs.column_names:
+                raise DataError(f"{pairs_file}: required column {field!r} is missing (has {pairs.column_names})")
+            values = pairs.column(field).to_numpy(zero_copy_only=False)
+            pos = np.searchsorted(ids, values).clip(0, max(len(ids) - 1, 0))
+            bad = np.flatnonzero(ids[pos] != values) if len(ids) else np.arange(len(values))
+            if len(bad):
+                i = int(bad[0])
+                raise DataError(f"{pairs_file}: row {i}, field {field!r}: note {values[i]} is not in {NOTES_FILE} "
+                                f"({len(bad)} such rows; re-run rayjobs.prepare_data)")
