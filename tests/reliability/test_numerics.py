@@ -81,21 +81,36 @@ def test_nan_loss_is_skipped_counted_and_never_saved(ray_local, rel_data, tmp_pa
     assert all_saved_tensors_finite(Path(final["checkpoint"])) > 0
 
 
-def test_nan_loss_with_stop_policy_fails_naming_the_step(ray_local, rel_data, tmp_path, monkeypatch):
-    from rayjobs.train import run_training
+STOP_SCRIPT = """
+import sys, core.step
+real = core.step.forward_pair_batch
+calls = []
+def forward(*a, **k):
+    loss, metrics = real(*a, **k)
+    calls.append(1)
+    return (loss * float("nan") if len(calls) == 3 else loss), metrics
+core.step.forward_pair_batch = forward
+from rayjobs.train import main
+sys.exit(main(sys.argv[1:]))
+"""
 
-    nan_on_calls(monkeypatch, {3})
-    with pytest.raises(Exception) as info:
-        run_training(local_cfg(tmp_path, rel_data, "nan-stop", "train.nan_policy=stop"))
-    chain, err = [], info.value
-    while err is not None:
-        chain.append(str(err))
-        err = err.__cause__ or err.__context__
-    text = "\n".join(chain)
-    assert "step 3: non-finite loss nan" in text and "nan_policy=stop" in text, text[-2000:]
-    # the checkpoint written before the NaN (step 2) is intact and finite
-    run_dir = tmp_path / "runs" / "nan-stop"
-    saved = sorted(run_dir.glob("checkpoint_*/state.json"))
+
+def test_nan_loss_with_stop_policy_fails_naming_the_step(rel_data, tmp_path):
+    """A fresh process: Ray Train local mode cannot run twice in one process (DeepSpeed keeps
+    the first run's process-group handles; see RELIABILITY.md, known gaps)."""
+    import subprocess
+
+    from tests.reliability.conftest import PY, REPO, smoke_args, subprocess_env
+
+    args = smoke_args(tmp_path / "runs", rel_data, "nan-stop", "train.num_workers=0", "train.deepspeed=zero0",
+                      "train.max_steps=4", "train.checkpoint_every=2", "train.nan_policy=stop")
+    proc = subprocess.run([PY, "-c", STOP_SCRIPT, *args], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "step 3: non-finite loss nan" in out and "nan_policy=stop" in out, out[-3000:]
+    # the checkpoint written before the NaN (step 2) is intact and finite; none comes after it
+    saved = sorted((tmp_path / "runs" / "nan-stop").glob("checkpoint_*/state.json"))
     for state_file in saved:
         assert saved_state(state_file.parent)["step"] <= 2
         assert all_saved_tensors_finite(state_file.parent) > 0
