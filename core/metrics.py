@@ -38,6 +38,30 @@ def _check_inputs(query_emb: torch.Tensor, candidate_emb: torch.Tensor, target_i
                          f"[{int(target_index.min())}, {int(target_index.max())}]")
 
 
+# Unit roundoff of the float32 score products for each matmul precision setting: "highest" is
+# true float32 (2^-24); "high" may run in TF32 (10-bit mantissa, 2^-11) and "medium" in bfloat16
+# (2^-8), on GPUs and on CPUs with oneDNN bf16 kernels.
+_MATMUL_UNIT_ROUNDOFF = {"highest": 2.0 ** -24, "high": 2.0 ** -11, "medium": 2.0 ** -8}
+_F32 = torch.finfo(torch.float32)
+_MAX_CHUNK_F32_COUNT = 2 ** 24  # 0/1 flags sum exactly in float32 up to 2^24 per row
+
+
+def _float32_unit_roundoff(device: torch.device) -> float:
+    """Unit roundoff of a float32 matmul on `device` under the current precision settings."""
+    u = _MATMUL_UNIT_ROUNDOFF.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        u = max(u, 2.0 ** -11)
+    return u
+
+
+def _outward_float32(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 bounds -> float32 bounds that still contain [lo, hi]."""
+    lo32, hi32 = lo.float(), hi.float()
+    lo32 = torch.where(lo32.double() > lo, torch.nextafter(lo32, torch.full_like(lo32, -math.inf)), lo32)
+    hi32 = torch.where(hi32.double() < hi, torch.nextafter(hi32, torch.full_like(hi32, math.inf)), hi32)
+    return lo32, hi32
+
+
 @torch.no_grad()
 def target_ranks(
     query_emb: torch.Tensor,
@@ -45,16 +69,29 @@ def target_ranks(
     target_index: torch.Tensor,
     chunk_size: int = 8192,
     query_chunk_size: int = 2048,
-    score_dtype: torch.dtype = torch.float64,
+    score_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Exact 0-based rank of each query's target among the candidates.
 
-    rank_i = #{ j != t_i : <q_i, c_j> > <q_i, c_{t_i}> }. Scores accumulate in `score_dtype`
-    (float64 by default) because a float32 matmul rounds differently for different chunk shapes:
-    on 100k random candidates about 1 query in 250 moved by one rank between two float32 kernels,
-    while float64 products of float32 inputs are exact and their sums err ~1e-16, far below any
-    real score gap. The target column is also excluded explicitly, so rounding can never count
-    the target as above itself.
+    rank_i = #{ j != t_i : <q_i, c_j> > <q_i, c_{t_i}> }, the comparison made in float64 on the
+    given inputs (exact ties, e.g. duplicated candidate rows, are ties).
+
+    Fast path (`score_dtype=torch.float32`, the default): candidates are scored by a float32
+    matmul, whose error is bounded, whatever the kernel's summation order or chunk shape, by
+    |fl(q.c) - q.c| <= gamma_d * sum_k |q_k c_k| <= gamma_d |q| |c|, gamma_d = d u / (1 - d u),
+    u the matmul's unit roundoff (2^-24 for true float32; larger when TF32/bf16 matmuls are
+    allowed, see `torch.set_float32_matmul_precision`). With the margin
+    m_i = 2 (d + 2) u |q_i| max_j |c_j| (+ an underflow floor), which also covers casting float64
+    inputs to float32 and the norms' own rounding, a candidate whose float32 score is above
+    s_t + m_i is certainly above the target's float64 score s_t, one below s_t - m_i certainly not.
+    Only candidates inside [s_t - m_i, s_t + m_i] (the target itself, duplicates, true near-ties:
+    a handful per query on real data) are rechecked in float64 as sum_k q_k (c_jk - c_tk), where
+    the products of float32 inputs and the differences are exact, so an exact tie gives exactly 0
+    whatever the summation order. Ranks are therefore identical to float64 scoring, at float32
+    GEMM speed.
+
+    `score_dtype=torch.float64` scores everything in float64 (the reference; several times slower
+    on CPU). Memory is query_chunk_size x chunk_size scores either way.
 
     Args:
         query_emb: float [Q, d].
@@ -62,8 +99,8 @@ def target_ranks(
         target_index: long [Q], each query's target row in `candidate_emb`.
         chunk_size: candidate rows scored at a time.
         query_chunk_size: query rows scored at a time (memory is query_chunk_size x chunk_size
-            scores in `score_dtype`: 128 MB at the defaults).
-        score_dtype: accumulation dtype; float32 is faster (GPU) at the cost of one-ulp rank flips.
+            scores: 64 MB in float32 at the defaults).
+        score_dtype: torch.float32 (fast, exact via the float64 recheck) or torch.float64.
 
     Returns:
         long [Q] ranks in [0, C - 1] on the device of the inputs.
@@ -71,16 +108,36 @@ def target_ranks(
     _check_inputs(query_emb, candidate_emb, target_index)
     if chunk_size < 1 or query_chunk_size < 1:
         raise ValueError(f"chunk sizes must be >= 1, got {chunk_size}, {query_chunk_size}")
+    if score_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"score_dtype={score_dtype}: allowed torch.float32, torch.float64")
     target_index = target_index.to(query_emb.device).long()
+    if score_dtype == torch.float32 and query_emb.numel() and candidate_emb.numel():
+        d = query_emb.shape[1]
+        factor = 2.0 * (d + 2) * _float32_unit_roundoff(query_emb.device)
+        chunk_size = min(chunk_size, _MAX_CHUNK_F32_COUNT)
+        # Upper bounds on each chunk's largest candidate norm: float32 norms err by < (d + 2) 2^-24.
+        norm_scale = 1.0 + 4.0 * (d + 2) * 2.0 ** -24
+        chunk_norm = [float(torch.linalg.vector_norm(candidate_emb[cs: cs + chunk_size].float(), dim=1).max()) * norm_scale
+                      for cs in range(0, candidate_emb.shape[0], chunk_size)]
+        q_norm = float(torch.linalg.vector_norm(query_emb.float(), dim=1).max()) * norm_scale
+        c_norm = max(chunk_norm)
+        # Float32 scores could overflow, or the margin would cover every score: score in float64.
+        if factor < 0.25 and math.isfinite(q_norm) and math.isfinite(c_norm) and q_norm * c_norm < 1e36:
+            return _target_ranks_f32(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size, factor,
+                                     chunk_norm)
+    return _target_ranks_f64(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size)
+
+
+def _target_ranks_f64(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size) -> torch.Tensor:
     n_query, n_cand = query_emb.shape[0], candidate_emb.shape[0]
     ranks = torch.zeros(n_query, dtype=torch.long, device=query_emb.device)
     for qs in range(0, n_query, query_chunk_size):
-        q = query_emb[qs: qs + query_chunk_size].to(score_dtype)  # [q, d]
+        q = query_emb[qs: qs + query_chunk_size].double()  # [q, d]
         tgt = target_index[qs: qs + query_chunk_size]  # [q]
-        tgt_score = (q * candidate_emb[tgt].to(score_dtype)).sum(dim=1, keepdim=True)  # [q, 1]
+        tgt_score = (q * candidate_emb[tgt].double()).sum(dim=1, keepdim=True)  # [q, 1]
         count = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         for cs in range(0, n_cand, chunk_size):
-            scores = q @ candidate_emb[cs: cs + chunk_size].to(score_dtype).T  # [q, c]
+            scores = q @ candidate_emb[cs: cs + chunk_size].double().T  # [q, c]
             above = scores > tgt_score  # [q, c]
             local = tgt - cs  # target column inside this chunk, if it is here
             inside = (local >= 0) & (local < scores.shape[1])
@@ -89,6 +146,45 @@ def target_ranks(
                 above[rows, local[rows]] = False
             count += above.sum(dim=1)
         ranks[qs: qs + q.shape[0]] = count
+    return ranks
+
+
+def _target_ranks_f32(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size, factor,
+                     chunk_norm) -> torch.Tensor:
+    """float32 scores + float64 recheck of the candidates within the error margin (see target_ranks)."""
+    n_query, n_cand = query_emb.shape[0], candidate_emb.shape[0]
+    device = query_emb.device
+    floor = (query_emb.shape[1] + 2) * _F32.tiny  # products that underflow err by < 2^-149 each
+    ranks = torch.zeros(n_query, dtype=torch.long, device=device)
+    for qs in range(0, n_query, query_chunk_size):
+        q64 = query_emb[qs: qs + query_chunk_size].double()  # [q, d]
+        q32 = query_emb[qs: qs + query_chunk_size].float()
+        tgt = target_index[qs: qs + query_chunk_size]  # [q]
+        tgt_score = (q64 * candidate_emb[tgt].double()).sum(dim=1, keepdim=True)  # [q, 1] float64
+        q_margin = factor * torch.linalg.vector_norm(q64, dim=1, keepdim=True)  # [q, 1], times |c|
+        count = torch.zeros(q64.shape[0], dtype=torch.float64, device=device)
+        for k, cs in enumerate(range(0, n_cand, chunk_size)):
+            c32 = candidate_emb[cs: cs + chunk_size].float()
+            margin = q_margin * chunk_norm[k] + floor
+            lo32, hi32 = _outward_float32(tgt_score - margin, tgt_score + margin)
+            scores = q32 @ c32.T  # [q, c] float32
+            n_above = torch.gt(scores, hi32).sum(dim=1, dtype=torch.int32)  # certainly above
+            n_not_below = torch.ge(scores, lo32).sum(dim=1, dtype=torch.int32)
+            count += n_above
+            rows = (n_not_below > n_above).nonzero(as_tuple=True)[0]  # rows with an ambiguous candidate
+            if rows.numel():
+                sub = scores[rows]
+                amb = torch.ge(sub, lo32[rows]) & ~torch.gt(sub, hi32[rows])
+                r, j = amb.nonzero(as_tuple=True)
+                row, cand = rows[r], j + cs
+                t = tgt[row]
+                keep = cand != t  # the target is never compared with itself
+                row, cand, t = row[keep], cand[keep], t[keep]
+                # sum_k q_k (c_jk - c_tk): exact products/differences of float32 data, 0 for exact ties.
+                diff = candidate_emb[cand].double() - candidate_emb[t].double()
+                above = (q64[row] * diff).sum(dim=1) > 0
+                count.index_add_(0, row, above.double())
+        ranks[qs: qs + q64.shape[0]] = count.long()
     return ranks
 
 

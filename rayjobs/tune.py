@@ -91,15 +91,16 @@ class SweepProgress(Callback):
     def __init__(self, metric: str, total: int):
         self.metric, self.total = metric, total
 
-    def _counts(self, trials) -> str:
-        done = sum(t.status == "TERMINATED" for t in trials)
-        failed = sum(t.status == "ERROR" for t in trials)
-        running = sum(t.status == "RUNNING" for t in trials)
+    def _counts(self, trials, ending=None, as_status: str = "") -> str:
+        """Counts with `ending` (the trial being reported, whose status Tune updates after the
+        callback) counted as `as_status`."""
+        status = [as_status if t is ending else t.status for t in trials]
+        done, failed, running = (status.count(s) for s in ("TERMINATED", "ERROR", "RUNNING"))
         return f"{done}/{self.total} finished, {failed} errored, {running} running"
 
     def on_trial_start(self, iteration, trials, trial, **info):
         params = ", ".join(f"{k}={_short(v)}" for k, v in (trial.config or {}).items())
-        print(f"[tune] trial {trial.trial_id} running: {params} ({self._counts(trials)})", flush=True)
+        print(f"[tune] trial {trial.trial_id} running: {params} ({self._counts(trials, trial, 'RUNNING')})", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         kind = "final" if result.get("train_done") else f"epoch {result.get(ROUND_ATTR)}"
@@ -107,10 +108,10 @@ class SweepProgress(Callback):
               f"{_short(result.get(self.metric))} at step {result.get('step')}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        print(f"[tune] trial {trial.trial_id} finished ({self._counts(trials)})", flush=True)
+        print(f"[tune] trial {trial.trial_id} finished ({self._counts(trials, trial, 'TERMINATED')})", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[tune] trial {trial.trial_id} errored ({self._counts(trials)})", flush=True)
+        print(f"[tune] trial {trial.trial_id} errored ({self._counts(trials, trial, 'ERROR')})", flush=True)
 
 
 def _short(v: Any) -> str:
@@ -253,7 +254,7 @@ def run_sweep(spec: SweepSpec, *, storage: str | None = None, name: str | None =
     exists = ray.tune.Tuner.can_restore(sweep_dir) if not local or Path(sweep_dir).exists() else False
     if resume and not exists:
         raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}")
-    if not resume and local and Path(sweep_dir).exists() and any(Path(sweep_dir).iterdir()):
+    if not resume and exists:
         raise ConfigError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, "
                           "or --name NAME for a new one")
     runs_dir = f"{sweep_dir}/{RUNS_DIR}"

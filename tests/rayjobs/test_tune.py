@@ -117,7 +117,7 @@ def _smoke_space(tmp_path: Path, **fixed) -> Path:
 
 def _tune_cmd(space: Path, storage: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "rayjobs.tune", "--space", str(space), "--storage", str(storage),
-            "--num-cpus", "4", *extra]
+            "--num-cpus", "8", *extra]
 
 
 def _env() -> dict:
