@@ -65,6 +65,7 @@ def local_cfg(tmp_path, data, name, *overrides):
                      "train.max_steps=4", "train.checkpoint_every=2", *overrides)
 
 
+@pytest.mark.slow
 def test_nan_loss_is_skipped_counted_and_never_saved(ray_local, rel_data, tmp_path, monkeypatch):
     from rayjobs.train import run_training
 
@@ -95,6 +96,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_nan_loss_with_stop_policy_fails_naming_the_step(rel_data, tmp_path):
     """A fresh process: Ray Train local mode cannot run twice in one process (DeepSpeed keeps
     the first run's process-group handles; see RELIABILITY.md, known gaps)."""
