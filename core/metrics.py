@@ -90,8 +90,10 @@ def target_ranks(
     whatever the summation order. Ranks are therefore identical to float64 scoring, at float32
     GEMM speed.
 
-    `score_dtype=torch.float64` scores everything in float64 (the reference; several times slower
-    on CPU). Memory is query_chunk_size x chunk_size scores either way.
+    `score_dtype=torch.float64` scores in float64 with the same margin scheme (u = 2^-53; several
+    times slower on CPU); it is also the fallback where float32 cannot help (TF32/bf16 matmuls
+    whose margin would cover every score, or scores that could overflow float32). Memory is
+    bounded by query_chunk_size x chunk_size scores either way.
 
     Args:
         query_emb: float [Q, d].
@@ -111,80 +113,86 @@ def target_ranks(
     if score_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"score_dtype={score_dtype}: allowed torch.float32, torch.float64")
     target_index = target_index.to(query_emb.device).long()
-    if score_dtype == torch.float32 and query_emb.numel() and candidate_emb.numel():
-        d = query_emb.shape[1]
-        factor = 2.0 * (d + 2) * _float32_unit_roundoff(query_emb.device)
-        chunk_size = min(chunk_size, _MAX_CHUNK_F32_COUNT)
-        # Upper bounds on each chunk's largest candidate norm: float32 norms err by < (d + 2) 2^-24.
-        norm_scale = 1.0 + 4.0 * (d + 2) * 2.0 ** -24
-        chunk_norm = [float(torch.linalg.vector_norm(candidate_emb[cs: cs + chunk_size].float(), dim=1).max()) * norm_scale
-                      for cs in range(0, candidate_emb.shape[0], chunk_size)]
-        q_norm = float(torch.linalg.vector_norm(query_emb.float(), dim=1).max()) * norm_scale
-        c_norm = max(chunk_norm)
-        # Float32 scores could overflow, or the margin would cover every score: score in float64.
-        if factor < 0.25 and math.isfinite(q_norm) and math.isfinite(c_norm) and q_norm * c_norm < 1e36:
-            return _target_ranks_f32(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size, factor,
-                                     chunk_norm)
-    return _target_ranks_f64(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size)
-
-
-def _target_ranks_f64(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size) -> torch.Tensor:
-    n_query, n_cand = query_emb.shape[0], candidate_emb.shape[0]
-    ranks = torch.zeros(n_query, dtype=torch.long, device=query_emb.device)
-    for qs in range(0, n_query, query_chunk_size):
-        q = query_emb[qs: qs + query_chunk_size].double()  # [q, d]
-        tgt = target_index[qs: qs + query_chunk_size]  # [q]
-        tgt_score = (q * candidate_emb[tgt].double()).sum(dim=1, keepdim=True)  # [q, 1]
-        count = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        for cs in range(0, n_cand, chunk_size):
-            scores = q @ candidate_emb[cs: cs + chunk_size].double().T  # [q, c]
-            above = scores > tgt_score  # [q, c]
-            local = tgt - cs  # target column inside this chunk, if it is here
-            inside = (local >= 0) & (local < scores.shape[1])
-            if inside.any():
-                rows = inside.nonzero(as_tuple=True)[0]
-                above[rows, local[rows]] = False
-            count += above.sum(dim=1)
-        ranks[qs: qs + q.shape[0]] = count
+    if not query_emb.numel() or not candidate_emb.numel():
+        return torch.zeros(query_emb.shape[0], dtype=torch.long, device=query_emb.device)
+    ranks = None
+    if score_dtype == torch.float32:
+        ranks = _margin_ranks(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size, torch.float32)
+    if ranks is None:  # float64 requested, or float32 cannot help
+        ranks = _margin_ranks(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size, torch.float64)
     return ranks
 
 
-def _target_ranks_f32(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size, factor,
-                     chunk_norm) -> torch.Tensor:
-    """float32 scores + float64 recheck of the candidates within the error margin (see target_ranks)."""
+def _margin_ranks(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """Scores in `dtype` + float64 recheck of the candidates within the error margin (see target_ranks).
+
+    Returns None where float32 cannot help (the margin would cover everything, or scores could
+    overflow); the caller then scores in float64.
+    """
     n_query, n_cand = query_emb.shape[0], candidate_emb.shape[0]
+    d = query_emb.shape[1]
     device = query_emb.device
-    floor = (query_emb.shape[1] + 2) * _F32.tiny  # products that underflow err by < 2^-149 each
+    f32 = dtype == torch.float32
+    u = _float32_unit_roundoff(device) if f32 else 2.0 ** -53
+    # gamma_{d+4} = (d+4)u / (1 - (d+4)u) >= the matmul's gamma_d, plus casting float64 inputs to
+    # float32 (2u) and the float64 target score's own error (far below a float32 u; for float64
+    # scores it is a second gamma_d, hence the factor 2).
+    factor = (d + 4) * u / max(1.0 - (d + 4) * u, 1e-3) * (1.0 if f32 else 2.0)
+    if factor >= 0.1:
+        return None
+    # The score block is bounded by query_chunk_size x chunk_size; with fewer queries than
+    # query_chunk_size more candidates fit in it (fewer, larger matmuls: same memory bound).
+    budget = query_chunk_size * chunk_size
+    block = max(chunk_size, budget // max(min(query_chunk_size, n_query), 1))
+    if candidate_emb.dtype != dtype:  # each block is copied to `dtype`: bound that copy too
+        block = max(chunk_size, min(block, budget // max(d, 1)))
+    block = min(block, _MAX_CHUNK_F32_COUNT, n_cand)
+    starts = list(range(0, n_cand, block))
+    # Upper bounds on each block's largest candidate norm: float32 norms err by < (d + 2) 2^-24.
+    norm_scale = 1.0 + 4.0 * (d + 2) * 2.0 ** -24
+    block_norm = torch.stack([torch.linalg.vector_norm(candidate_emb[cs: cs + block].float(), dim=1).max()
+                              for cs in starts]).double() * norm_scale  # [B]
+    q_norm = torch.linalg.vector_norm(query_emb.float(), dim=1).double() * norm_scale  # [Q]
+    bound = float(q_norm.max()) * float(block_norm.max())
+    if f32 and (not math.isfinite(bound) or bound >= 1e36):  # float32 scores could overflow
+        return None
+    floor = (d + 2) * (_F32.tiny if f32 else torch.finfo(torch.float64).tiny)  # underflowed products
+    recheck_rows = max(1, (1 << 20) // max(d, 1))  # float64 recheck in pieces of <= 1M elements (8 MB)
     ranks = torch.zeros(n_query, dtype=torch.long, device=device)
+    score_buf = torch.empty(min(query_chunk_size, n_query) * block, dtype=dtype, device=device)
+    above_buf = torch.empty(score_buf.shape, dtype=torch.bool, device=device)
+    amb_buf = torch.empty(score_buf.shape, dtype=torch.bool, device=device)
     for qs in range(0, n_query, query_chunk_size):
         q64 = query_emb[qs: qs + query_chunk_size].double()  # [q, d]
-        q32 = query_emb[qs: qs + query_chunk_size].float()
+        q32 = query_emb[qs: qs + query_chunk_size].to(dtype).contiguous()
+        nq = q64.shape[0]
         tgt = target_index[qs: qs + query_chunk_size]  # [q]
         tgt_score = (q64 * candidate_emb[tgt].double()).sum(dim=1, keepdim=True)  # [q, 1] float64
-        q_margin = factor * torch.linalg.vector_norm(q64, dim=1, keepdim=True)  # [q, 1], times |c|
-        count = torch.zeros(q64.shape[0], dtype=torch.float64, device=device)
-        for k, cs in enumerate(range(0, n_cand, chunk_size)):
-            c32 = candidate_emb[cs: cs + chunk_size].float()
-            margin = q_margin * chunk_norm[k] + floor
-            lo32, hi32 = _outward_float32(tgt_score - margin, tgt_score + margin)
-            scores = q32 @ c32.T  # [q, c] float32
-            n_above = torch.gt(scores, hi32).sum(dim=1, dtype=torch.int32)  # certainly above
-            n_not_below = torch.ge(scores, lo32).sum(dim=1, dtype=torch.int32)
-            count += n_above
-            rows = (n_not_below > n_above).nonzero(as_tuple=True)[0]  # rows with an ambiguous candidate
-            if rows.numel():
-                sub = scores[rows]
-                amb = torch.ge(sub, lo32[rows]) & ~torch.gt(sub, hi32[rows])
-                r, j = amb.nonzero(as_tuple=True)
-                row, cand = rows[r], j + cs
-                t = tgt[row]
-                keep = cand != t  # the target is never compared with itself
-                row, cand, t = row[keep], cand[keep], t[keep]
-                # sum_k q_k (c_jk - c_tk): exact products/differences of float32 data, 0 for exact ties.
-                diff = candidate_emb[cand].double() - candidate_emb[t].double()
-                above = (q64[row] * diff).sum(dim=1) > 0
-                count.index_add_(0, row, above.double())
-        ranks[qs: qs + q64.shape[0]] = count.long()
+        margin = factor * q_norm[qs: qs + nq, None] * block_norm[None, :] + floor  # [q, B]
+        if f32:
+            lo32, hi32 = _outward_float32(tgt_score - margin, tgt_score + margin)  # [q, B] float32
+        else:
+            lo32, hi32 = tgt_score - margin, tgt_score + margin
+        count = torch.zeros(nq, dtype=torch.long, device=device)
+        for k, cs in enumerate(starts):
+            c32 = candidate_emb[cs: cs + block].to(dtype)
+            cc = c32.shape[0]
+            scores = torch.mm(q32, c32.T, out=score_buf[: nq * cc].view(nq, cc))  # [q, c] float32
+            above = torch.gt(scores, hi32[:, k: k + 1], out=above_buf[: nq * cc].view(nq, cc))  # certainly above
+            amb = torch.ge(scores, lo32[:, k: k + 1], out=amb_buf[: nq * cc].view(nq, cc))  # not certainly below
+            count += above.sum(dim=1)
+            amb ^= above  # inside [lo, hi]: the target itself, duplicates, near-ties
+            row, j = amb.nonzero(as_tuple=True)
+            for ps in range(0, row.numel(), recheck_rows):
+                r = row[ps: ps + recheck_rows]
+                # sum_k q_k (c_jk - c_tk) in float64: products and differences of float32 data are
+                # exact, so an exact tie (and the target itself) gives exactly 0, in any order.
+                diff = candidate_emb.index_select(0, j[ps: ps + recheck_rows] + cs).double()
+                diff -= candidate_emb.index_select(0, tgt[r]).double()
+                diff *= q64.index_select(0, r)
+                count.index_add_(0, r, (diff.sum(dim=1) > 0).long())
+        ranks[qs: qs + nq] = count
     return ranks
 
 

@@ -141,11 +141,17 @@ def trial_run_config(base: dict, params: dict, run_name: str, runs_dir: str) -> 
     return cfg
 
 
+DATA_TASK_CPUS = 1.0
+"""Slots left per trial for Ray Data's read/join tasks: without them a trial's input pipeline
+stalls behind its own preprocessing actors and workers (seen with two smoke trials on 8 CPUs)."""
+
+
 def per_trial_resources(cfg: RunConfig, driver_cpus: float) -> dict[str, float]:
-    """Logical resources one trial holds: its driver, the Train workers and the Ray Data actors."""
+    """Logical resources one trial needs: its driver, the Train workers, the Ray Data actors and
+    a slot for Ray Data tasks."""
     t = cfg.train
     workers = max(t.num_workers, 1)
-    cpus = driver_cpus + (t.num_workers * t.cpus_per_worker) + cfg.data.preprocess_actors
+    cpus = driver_cpus + (t.num_workers * t.cpus_per_worker) + cfg.data.preprocess_actors + DATA_TASK_CPUS
     return {"CPU": cpus, "GPU": float(workers if t.use_gpu else 0)}
 
 
@@ -252,8 +258,9 @@ def run_sweep(spec: SweepSpec, *, storage: str | None = None, name: str | None =
     root, sweep_dir = sweep_paths(storage or spec.storage, spec.name)
     local = "://" not in sweep_dir
     exists = ray.tune.Tuner.can_restore(sweep_dir) if not local or Path(sweep_dir).exists() else False
-    if resume and not exists:
-        raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}")
+    if resume and not exists:  # e.g. killed before Tune saved any state: nothing is lost
+        print(f"[tune] --resume: no Tune state in {sweep_dir} yet; starting the sweep", flush=True)
+        resume = False
     if not resume and exists:
         raise ConfigError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, "
                           "or --name NAME for a new one")

@@ -46,7 +46,7 @@ def test_shipped_space_validates(path: Path):
 
 def test_smoke_space_matches_the_brief():
     spec = load_sweep(REPO / "search_spaces/smoke.yaml")
-    assert spec.num_samples == 3 and spec.metric == "R@10" and spec.mode == "max"
+    assert spec.num_samples == 3 and spec.metric == "R@5" and spec.mode == "max"
     assert set(spec.searched) == {"model.num_visual_tokens", "loss.alpha", "loss.temperature_init"}
     assert spec.parameters["loss.temperature_init"].type == "loguniform"
     cfg = spec.run_config({"model.num_visual_tokens": 2, "loss.alpha": 1.0, "loss.temperature_init": 1.7})

@@ -10,10 +10,16 @@ Semantics, exactly:
 - Keep lower ≤ s ≤ upper (both inclusive), then the `top_t` highest s per A, ties broken by
   B's id ascending.
 
-Scores are sums of floats whose order the hash aggregation does not fix, so they are rounded to
-12 decimal places: equal true sums (1/3 + 1/6 and 1/6 + 1/3) then compare equal for ties and
-bounds. Everything is vectorised Arrow/NumPy (hash group-by, hash join, sort): no Python loop
-over rows, so tens of millions of events mine in seconds and memory stays a few times the input.
+Scores are float sums whose order is an implementation detail, so they are rounded to 12
+decimal places: equal true sums (1/3 + 1/6 and 1/6 + 1/3) then compare equal for ties and bounds.
+
+Implementation: NumPy on packed int64 keys, no Python loop over rows and no multi-column
+hash group-by. Each id column becomes a dense order-preserving code (its offset from the column
+minimum when the id range is small, else a hash-encoded rank); (u, B, A) is packed into one int64
+and deduplicated by one sort, which also groups (u, B) for N_u; (A, B, u) is packed and sorted
+once more to sum 1/N_u per (A, B) with `np.add.reduceat`; one stable two-key sort orders the
+kept pairs by (A asc, s desc) with B asc inside ties, and a rank-within-group keeps `top_t`.
+Memory stays a few int64 arrays of the input's length.
 """
 
 from __future__ import annotations
@@ -45,32 +51,148 @@ def mine_pairs(events: pa.Table, *, lower: float = 0.0, upper: float = float("in
         raise ValueError(f"top_t={top_t}: must be >= 1")
     if lower > upper:
         raise ValueError(f"lower={lower} > upper={upper}: no score can be kept")
-    t = pa.table({
-        "u": events.column("user_id").cast(pa.int64()),
-        "a": events.column("viewed_note_id").cast(pa.int64()),
-        "b": events.column("clicked_note_id").cast(pa.int64()),
-    })
-    valid = pc.and_(pc.and_(pc.is_valid(t["u"]), pc.is_valid(t["a"])), pc.is_valid(t["b"]))
-    t = t.filter(pc.and_(valid, pc.not_equal(t["a"], t["b"])))
-    if t.num_rows == 0:
+    cols = [events.column(name).cast(pa.int64()) for name in ("user_id", "viewed_note_id", "clicked_note_id")]
+    if any(c.null_count for c in cols):
+        valid = pc.and_(pc.and_(pc.is_valid(cols[0]), pc.is_valid(cols[1])), pc.is_valid(cols[2]))
+        cols = [c.filter(valid) for c in cols]
+    u, a, b = (_to_numpy(c) for c in cols)
+    keep = a != b  # A->A events carry no relation
+    if not keep.all():
+        u, a, b = u[keep], a[keep], b[keep]
+    if len(u) == 0:
         return PAIR_SCHEMA.empty_table()
 
-    uab = t.group_by(["u", "a", "b"], use_threads=True).aggregate([])  # one row per distinct (u, A, B)
-    n_u = t.group_by(["u", "b"]).aggregate([]).group_by("u").aggregate([([], "count_all")])
-    n_u = n_u.rename_columns(["u", "n"])
-    weighted = uab.join(n_u, keys="u", join_type="inner", use_threads=True)
-    weighted = weighted.append_column("w", pc.divide(pa.scalar(1.0), weighted["n"].cast(pa.float64())))
-    scores = weighted.group_by(["a", "b"]).aggregate([("w", "sum")])
-    # numpy, not pc.round: Arrow's round of 1/19 to 12 places returns 0.052631578947578944
-    score = pa.array(np.round(scores["w_sum"].to_numpy(), SCORE_DECIMALS))
-    scores = pa.table({"query_id": scores["a"], "target_id": scores["b"], "score": score})
+    u, nu, _ = _dense_codes(u)
+    a, na, a_ids = _dense_codes(a)
+    b, nb, b_ids = _dense_codes(b)
 
-    keep = pc.and_(pc.greater_equal(scores["score"], lower), pc.less_equal(scores["score"], upper))
-    scores = scores.filter(keep)
-    scores = scores.sort_by([("query_id", "ascending"), ("score", "descending"), ("target_id", "ascending")])
-    rank = rank_within_groups(scores["query_id"].to_numpy())
-    scores = scores.filter(pa.array(rank < top_t))
-    return scores.cast(PAIR_SCHEMA)
+    # Distinct (u, B, A), sorted: (u, B) runs are contiguous, so N_u = number of (u, B) runs of u.
+    ub, n_ub, ub_ids = _pack(u, nu, b, nb)
+    key, _, key_ids = _pack(ub, n_ub, a, na)
+    del u, b
+    key.sort()  # one sort + dedupe (np.unique hashes first on NumPy >= 2.3: slower here)
+    key = key[np.concatenate(([True], key[1:] != key[:-1]))]
+    ub_k, a_k = _unpack(key, na, key_ids)
+    del key
+    ub_start = np.empty(len(ub_k), dtype=bool)
+    ub_start[0] = True
+    np.not_equal(ub_k[1:], ub_k[:-1], out=ub_start[1:])
+    u_k, b_k = _unpack(ub_k, nb, ub_ids)
+    del ub_k
+    inv_n = 1.0 / np.bincount(u_k[ub_start], minlength=nu)  # 1 / N_u
+    del ub_start
+
+    # Sum 1/N_u per (A, B): sort the distinct (A, B, u) keys, reduce each (A, B) run.
+    ab, n_ab, ab_ids = _pack(a_k, na, b_k, nb)
+    del a_k, b_k
+    key, _, key_ids = _pack(ab, n_ab, u_k, nu)
+    del ab, u_k
+    key.sort()
+    ab, u_k = _unpack(key, nu, key_ids)
+    del key
+    w = inv_n[u_k]
+    del u_k
+    starts = np.flatnonzero(np.concatenate(([True], ab[1:] != ab[:-1])))
+    score = np.round(np.add.reduceat(w, starts), SCORE_DECIMALS)
+    ab = ab[starts]
+    del w, starts
+
+    keep = (score >= lower) & (score <= upper)
+    if not keep.all():
+        ab, score = ab[keep], score[keep]
+    q_code, t_code = _unpack(ab, nb, ab_ids)
+    del ab
+    # Rows are in (A, B) order; a stable sort by (A asc, s desc) keeps B asc inside ties.
+    order = _order_by_query_then_score(q_code, na, score)
+    q_code, t_code, score = q_code[order], t_code[order], score[order]
+    rank = rank_within_groups(q_code)
+    top = rank < top_t
+    if not top.all():
+        q_code, t_code, score = q_code[top], t_code[top], score[top]
+    return pa.table({"query_id": a_ids(q_code), "target_id": b_ids(t_code), "score": score}, schema=PAIR_SCHEMA)
+
+
+_PACK_BITS = 62
+
+
+def _to_numpy(col: pa.ChunkedArray) -> np.ndarray:
+    return col.combine_chunks().to_numpy(zero_copy_only=False).astype(np.int64, copy=False) if col.num_chunks != 1 \
+        else col.chunk(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def _dense_codes(x: np.ndarray):
+    """Order-preserving codes in [0, n) of int64 ids, n, and a function mapping codes back to ids.
+
+    The offset from the minimum when the id range is at most ~the number of rows (no hashing);
+    otherwise the rank of the id among the distinct ids (hash-encoded, then the distinct ids sorted).
+    """
+    lo, hi = int(x.min()), int(x.max())
+    span = hi - lo + 1
+    if span <= max(2 * len(x), 1 << 16):
+        return x - lo, span, (lambda c, lo=lo: c + lo)
+    enc = pc.dictionary_encode(pa.array(x))
+    ids = enc.dictionary.to_numpy()
+    order = np.argsort(ids, kind="stable")
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[order] = np.arange(len(ids), dtype=np.int64)
+    sorted_ids = ids[order]
+    return rank[enc.indices.to_numpy()], len(ids), (lambda c, s=sorted_ids: s[c])
+
+
+def _bits(n: int) -> int:
+    """Bits needed for codes in [0, n)."""
+    return max(int(n - 1).bit_length(), 1)
+
+
+def _pack(x: np.ndarray, nx: int, y: np.ndarray, ny: int):
+    """One int64 key per row ordering like (x, y), its range n, and what `_unpack` needs.
+
+    (x << bits(ny)) | y while the two ranges fit in 62 bits together (the usual case: codes are
+    below ~2x the number of rows); otherwise the distinct (x, y) pairs are numbered in order
+    (a two-key sort) and `_unpack` maps a number back through the kept distinct pairs.
+    """
+    by = _bits(ny)
+    if _bits(nx) + by <= _PACK_BITS:
+        return (x << by) | y, nx << by, None
+    order = np.lexsort((y, x))
+    xs, ys = x[order], y[order]
+    new = np.ones(len(xs), dtype=bool)
+    new[1:] = (xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])
+    code = np.empty(len(xs), dtype=np.int64)
+    code[order] = np.cumsum(new) - 1
+    return code, int(new.sum()), (xs[new], ys[new])
+
+
+def _unpack(key: np.ndarray, ny: int, ids):
+    """Inverse of `_pack`: the (x, y) codes of packed keys."""
+    if ids is not None:
+        return ids[0][key], ids[1][key]
+    by = _bits(ny)
+    return key >> by, key & ((1 << by) - 1)
+
+
+def _order_by_query_then_score(q_code: np.ndarray, nq: int, score: np.ndarray) -> np.ndarray:
+    """Stable order of rows by (query asc, score desc): rows already by target asc stay so in ties.
+
+    Scores are rounded to 12 decimals, so below 4096 they map exactly and monotonically to the
+    integers rint(s * 1e12) (< 2^53); packed with the query code they sort as one int64 key.
+    Otherwise the scores are first replaced by their dense rank (one more sort).
+    """
+    if len(score) == 0:
+        return np.zeros(0, dtype=np.int64)
+    top = float(score.max())
+    if top < 4096.0:
+        k = np.rint(score * 1e12).astype(np.int64)
+        k_max = int(k.max())
+        n_k = k_max + 1
+        desc = k_max - k
+    else:
+        ranks, inv = np.unique(score, return_inverse=True)
+        n_k = len(ranks)
+        desc = (n_k - 1) - inv.reshape(-1).astype(np.int64, copy=False)
+    if _bits(nq) + _bits(n_k) > _PACK_BITS:  # too many distinct scores to pack: two stable sorts
+        return np.lexsort((-score, q_code))
+    return np.argsort((q_code << _bits(n_k)) | desc, kind="stable")
 
 
 def rank_within_groups(sorted_keys: np.ndarray) -> np.ndarray:

@@ -168,3 +168,63 @@ def test_missing_faiss_gives_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_faiss)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         approximate_recall_at_k(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), [1])
+
+
+def near_tie_data(seed: int, n_query: int = 24, n_cand: int = 3000, dim: int = 576):
+    """Gaussian data where many candidates sit within float32 rounding of a target's score:
+    exact duplicates of targets, targets nudged by one float32 ulp in one coordinate (score gaps
+    ~1e-7 relative, below float32 matmul error but far above float64 error), and scaled copies."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n_query, dim, generator=g)
+    c = torch.randn(n_cand, dim, generator=g)
+    t = torch.randperm(n_cand, generator=g)[:n_query]
+    free = [j for j in range(n_cand) if j not in set(t.tolist())]
+    pos = 0
+    for i in range(n_query):
+        src = c[t[i]]
+        for kind in range(6):
+            j = free[pos]
+            pos += 1
+            row = src.clone()
+            if kind in (1, 2, 3, 4):  # one-ulp nudge of one coordinate, up or down
+                k = int(torch.randint(0, dim, (1,), generator=g))
+                direction = math.inf if kind % 2 else -math.inf
+                row[k] = torch.nextafter(row[k], torch.tensor(direction))
+            elif kind == 5:
+                row = row * (1 + 2 ** -23)  # a near-parallel copy
+            c[j] = row  # kind 0: an exact duplicate
+    return q, c, t
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float32_path_exact_on_near_ties(seed):
+    q, c, t = near_tie_data(seed)
+    want = brute_force_ranks(q, c, t)
+    assert torch.equal(target_ranks(q, c, t), want)
+    assert torch.equal(target_ranks(q, c, t, score_dtype=torch.float64), want)
+    for cs, qs in [(1000, 5), (257, 24), (3000, 1), (64, 7)]:
+        assert torch.equal(target_ranks(q, c, t, chunk_size=cs, query_chunk_size=qs), want)
+
+
+def test_float32_path_float64_inputs_and_reduced_matmul_precision():
+    q, c, t = near_tie_data(3, n_query=8, n_cand=800, dim=64)
+    want = brute_force_ranks(q, c, t)
+    assert torch.equal(target_ranks(q.double(), c.double(), t, chunk_size=100), want)
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("high", "medium"):  # wider (TF32/bf16) margins, or the float64 fallback
+            torch.set_float32_matmul_precision(precision)
+            assert torch.equal(target_ranks(q, c, t, chunk_size=100), want)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_path_random_with_duplicates_matches_float64(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, c = torch.randn(100, 32, generator=g), torch.randn(5000, 32, generator=g)
+    c[2500:2600] = c[:100]  # duplicated candidates: exact ties with targets 0..99
+    t = torch.arange(100)
+    want = brute_force_ranks(q, c, t)
+    assert torch.equal(target_ranks(q, c, t, chunk_size=999, query_chunk_size=33), want)
+    assert torch.equal(target_ranks(q, c, t, score_dtype=torch.float64), want)
