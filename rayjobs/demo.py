@@ -1,7 +1,7 @@
 """The main job: reproduce the NoteLLM-2 story on real data, end to end, on an embedded Ray.
 
-    python -m rayjobs.demo             # ~25-30 min on 2 CPU cores
-    python -m rayjobs.demo --quick     # < 5 min: 1 sweep trial, 2 ablation variants, 8 steps each
+    python -m rayjobs.demo             # budgeted for < 30 min on 2 idle CPU cores (not yet timed)
+    python -m rayjobs.demo --quick     # 1 sweep trial, 2 ablation variants, 8 steps each (target < 5 min)
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env cluster/runtime_env.yaml -- python -m rayjobs.demo --out /mnt/shared/demo
 
