@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rayjobs.demo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--out", default="runs/demo", help="where data, runs, sweep and reports go (default runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="< 5 min: 1 trial, 2 variants, 8 steps each")
+    parser.add_argument("--quick", action="store_true", help="1 trial, 2 variants, 8 steps each (target < 5 min)")
     parser.add_argument("--trials", type=int, default=None, help="sweep trials (default 3; --quick 1; 0 skips)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: demo.yaml's)")
     args = parser.parse_args(argv)
