@@ -65,6 +65,14 @@ def _init_process_group_if_local(use_gpu: bool) -> None:
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
     dist.init_process_group("nccl" if use_gpu else "gloo", rank=0, world_size=1)
+    # A previous local run in this process ended with Ray's plain torch destroy_process_group,
+    # which leaves DeepSpeed's cached groups pointing at the dead group; drop those references
+    # so a second run in the same process (notebooks, test suites) builds fresh ones.
+    from deepspeed.utils import groups
+
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(None)
 
 
 def _all_true(flag: bool, device) -> bool:
@@ -175,6 +183,25 @@ def _save_checkpoint(engine, state: dict, cfg: RunConfig, rank: int, export: boo
         # Written last: a checkpoint without state.json is incomplete and never resumed from.
         (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
     return tmp
+
+
+def _keep_local_checkpoint(tmp: str, cfg: RunConfig, name: str) -> str:
+    """Local mode (`train.num_workers=0`) with local storage: move the finished checkpoint into
+    `<storage>/<name>/<checkpoint dir>` (Ray would leave it in /tmp) and keep the newest
+    `train.keep_checkpoints` of them. Remote storage: leave it where it is."""
+    if "://" in str(cfg.train.storage_path):
+        return tmp
+    run_dir = Path(cfg.train.storage_path) / cfg.train.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dest, partial = run_dir / name, run_dir / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.move(tmp, partial)  # a copy when /tmp is another filesystem; the rename below is atomic
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    if cfg.train.keep_checkpoints:
+        for old in sorted(run_dir.glob("checkpoint_*"), key=_ckpt_order)[:-cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    return str(dest)
 
 
 def _write_export(engine, cfg: RunConfig, rank: int, tokenizer, out_dir: Path) -> None:
@@ -292,6 +319,8 @@ def train_fn_per_worker(config: dict) -> None:
                  "trainable_checksum": _trainable_checksum(engine)}
         if save:
             tmp = _save_checkpoint(engine, state, cfg, rank, final, tokenizer)
+            if t.num_workers == 0:  # local mode: Ray keeps the dir where it is, so put it in the run dir
+                tmp = _keep_local_checkpoint(tmp, cfg, f"checkpoint_{step:08d}{ckpt_suffix}")
             try:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{step:08d}{ckpt_suffix}")

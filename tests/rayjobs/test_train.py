@@ -34,15 +34,17 @@ def history(final: dict) -> list[dict]:
     return state["history"]
 
 
-def test_local_mode_worker_function(ray_local, tmp_path, smoke_data):
-    """Ray Train local mode (num_workers=0) runs train_fn_per_worker in-process."""
+def test_local_mode_worker_function_runs_twice_in_one_process(ray_local, tmp_path, smoke_data):
+    """Ray Train local mode (num_workers=0) runs train_fn_per_worker in-process; a second run in
+    the same process must not trip over the first run's (destroyed) DeepSpeed process groups."""
     from rayjobs.train import run_training
 
-    final = run_training(smoke_cfg(tmp_path, smoke_data, "local", "train.num_workers=0", "train.max_steps=3",
-                                   "train.deepspeed=zero0", "train.checkpoint_every=0"))
-    assert final["steps"] == 3
-    assert [h["step"] for h in history(final)] == [1, 2, 3]
-    assert 0.0 <= final["R@10"] <= 1.0
+    for name in ("local", "local-again"):
+        final = run_training(smoke_cfg(tmp_path, smoke_data, name, "train.num_workers=0", "train.max_steps=2",
+                                       "train.deepspeed=zero0", "train.checkpoint_every=0"))
+        assert final["steps"] == 2
+        assert [h["step"] for h in history(final)] == [1, 2]
+        assert 0.0 <= final["R@10"] <= 1.0
 
 
 def mean_pair_loss(model, cfg, data_dir, batches=8) -> float:

@@ -125,7 +125,9 @@ def _env() -> dict:
 
 def _trial_status(sweep_dir: Path) -> dict[str, str]:
     """trial_id -> status from Tune's latest experiment state file ({} while none is written)."""
-    states = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # the newest session's file by its timestamped name: at the end Tune rewrites the older
+    # sessions' files too, so modification times do not tell which is current
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))
     if not states:
         return {}
     try:
@@ -213,6 +215,6 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path):
     after = (first_final.stat().st_mtime_ns, json.loads(first_final.read_text())["steps"])
     assert after == before, "the finished trial was retrained"
     status = _trial_status(sweep_dir)
-    assert len(status) == 3 and set(status.values()) == {"TERMINATED"}
+    assert len(status) == 3 and set(status.values()) == {"TERMINATED"}, (status, proc.stdout[-5000:])
     assert len(list((sweep_dir / "runs").iterdir())) == 3
     assert len((sweep_dir / "leaderboard.csv").read_text().splitlines()) == 1 + 3
