@@ -21,7 +21,6 @@ resumed, an interrupted run continues from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

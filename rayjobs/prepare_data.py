@@ -108,8 +108,6 @@ def read_parquet_corpus(input_dir) -> "Corpus":
     Raises:
         DataError: one line naming the file and, for a bad value, its row and field.
     """
-    import pyarrow as pa
-
     from core.data import schema
     from core.data.corpora import Corpus
     from core.data.report import DataReport

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from typing import Iterator
 
@@ -122,6 +123,18 @@ def _actor_pool(run_cfg):
     return ray.data.ActorPoolStrategy(size=int(run_cfg.data.preprocess_actors))
 
 
+def _progress_bars_only_on_a_terminal() -> None:
+    """Ray Data redraws its progress bars many times a second; written to a log file or a Ray
+    job's output that is tens of thousands of lines per run. Keep them for a terminal only
+    (`NOTELLM2_PROGRESS_BARS=1` forces them on). Datasets carry the context they were made in."""
+    import sys
+
+    from ray.data import DataContext
+
+    if os.environ.get("NOTELLM2_PROGRESS_BARS") != "1" and not sys.stdout.isatty():
+        DataContext.get_current().enable_progress_bars = False
+
+
 def note_dataset(data_dir, run_cfg, note_ids=None, batch_size: int = 64):
     """Preprocessed notes as a Ray Dataset (evaluation embeds these).
 
@@ -137,6 +150,7 @@ def note_dataset(data_dir, run_cfg, note_ids=None, batch_size: int = 64):
     """
     import ray.data
 
+    _progress_bars_only_on_a_terminal()
     ds = ray.data.read_parquet(data_path(data_dir, NOTES_FILE), columns=_note_columns(run_cfg.model))
     if note_ids is not None:
         keep = np.unique(np.asarray(list(note_ids), dtype=np.int64))
@@ -169,6 +183,7 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64):
         raise ValueError(f"split {split!r}: allowed {', '.join(PAIRS_FILES)}")
     pairs_path = data_path(data_dir, PAIRS_FILES[split])
     cols = _note_columns(run_cfg.model)
+    _progress_bars_only_on_a_terminal()
     pairs = ray.data.read_parquet(pairs_path, columns=["query_id", "target_id"])
     notes = ray.data.read_parquet(data_path(data_dir, NOTES_FILE), columns=cols)
     partitions = _num_partitions(pairs_path)

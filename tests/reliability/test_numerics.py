@@ -4,14 +4,11 @@ temperature stays in [e^-max_log_scale, 1] whatever log_scale becomes."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from core.config import LossConfig
-from core.losses import pair_contrastive_loss
 from tests.reliability.conftest import saved_state, smoke_cfg
 
 

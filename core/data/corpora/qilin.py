@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.data.schema import EVENT_SCHEMA, NOTE_SCHEMA, DataError, read_table
+from core.data.schema import EVENT_SCHEMA, DataError, read_table
 
 NOTE_COLUMNS = ["note_idx", "note_title", "note_content", "note_type", "taxonomy1_id", "taxonomy2_id", "image_path"]
 REC_COLUMNS = ["request_idx", "session_idx", "user_idx", "request_timestamp", "rec_result_details_with_idx"]
