@@ -182,6 +182,8 @@ class DataConfig:
     """A note whose title+content is shorter than this is 'short' (the short-query / short-target subsets)."""
     preprocess_actors: int = 1
     """Ray Data actors that decode images and tokenise prompts."""
+    pair_join: str = "auto"
+    """How pairs meet their notes: `broadcast` (each preprocessing actor loads notes.parquet once and looks notes up by id: starts in seconds, holds the notes table per actor), `shuffle` (Ray Data hash join: for notes tables that do not fit an actor), `auto` (broadcast when notes.parquet is at most 1 GiB)."""
     seed: int = 0
     """Seed of the corpus generator and the train/test split."""
 
@@ -191,6 +193,7 @@ class DataConfig:
         _check_range(s, "num_notes", self.num_notes, lo=4)
         _check_range(s, "short_text_chars", self.short_text_chars, lo=0)
         _check_range(s, "preprocess_actors", self.preprocess_actors, lo=1)
+        _check_choice(s, "pair_join", self.pair_join, ("auto", "broadcast", "shuffle"))
 
 
 @dataclass

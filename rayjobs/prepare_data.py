@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 DEFAULTS = dict(num_notes=None, seed=0, short_fraction=0.3, lower=0.0, upper=float("inf"), top_t=10,
                 test_fraction=0.2, short_text_chars=20, input=None, image_root=None, embed_images=True)
 
@@ -93,7 +95,10 @@ def prepare(corpus, out_dir, **opts) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     schema.write_table(notes, out / schema.NOTES_FILE)
     schema.write_table(events, out / schema.EVENTS_FILE)
-    schema.write_table(train.cast(schema.SPLIT_PAIR_SCHEMA), out / schema.PAIRS_FILES["train"])
+    # Train pairs in a seeded random order: mining emits them grouped by query, and a batch of one
+    # query's pairs has few usable negatives. Streaming reads keep this order (no reshuffle).
+    order = np.random.default_rng(o["seed"]).permutation(train.num_rows)
+    schema.write_table(train.take(order).cast(schema.SPLIT_PAIR_SCHEMA), out / schema.PAIRS_FILES["train"])
     schema.write_table(deduped.cast(schema.SPLIT_PAIR_SCHEMA), out / schema.PAIRS_FILES["test"])
     report.info["corpus"] = raw.name
     report.info["options"] = {k: (None if v == float("inf") else v) for k, v in o.items()}

@@ -13,7 +13,13 @@ prompt_mode `text` and late_fusion off), `{q,t}_has_image` bool, `{q,t}_note_id`
 A missing or undecodable image becomes zeros with has_image False; the preprocessing actor
 logs how many and why.
 
-How notes meet pairs (memory behaviour): pairs are hash-joined with the *raw* notes twice
+How notes meet pairs (`data.pair_join`): with `broadcast` (the default up to 1 GiB of
+notes.parquet) each preprocessing actor loads the notes table once and looks both notes of
+a pair up by id (`PairPreprocessor`): no shuffle, so the first batch arrives in seconds, at
+the price of the notes table (compressed bytes or URIs) in every actor's memory. Pairs stream
+in file order (prepare_data writes train pairs in a seeded random order).
+
+With `shuffle` (memory behaviour for large corpora): pairs are hash-joined with the *raw* notes twice
 (`Dataset.join` on query_id, then on target_id) and the joined rows are decoded, resized and
 tokenised by an actor pool (`map_batches(..., compute=ActorPoolStrategy(size=data.preprocess_actors))`,
 one tokenizer per actor). The join moves compressed image bytes, not decoded pixels, and the
@@ -185,7 +191,13 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64):
     cols = _note_columns(run_cfg.model)
     _progress_bars_only_on_a_terminal()
     pairs = ray.data.read_parquet(pairs_path, columns=["query_id", "target_id"])
-    notes = ray.data.read_parquet(data_path(data_dir, NOTES_FILE), columns=cols)
+    notes_path = data_path(data_dir, NOTES_FILE)
+    if pair_join_mode(notes_path, run_cfg.data.pair_join) == "broadcast":
+        return pairs.map_batches(
+            PairPreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "notes_path": notes_path, "columns": cols},
+            compute=_actor_pool(run_cfg), batch_size=batch_size, batch_format="pyarrow",
+        )
+    notes = ray.data.read_parquet(notes_path, columns=cols)
     partitions = _num_partitions(pairs_path)
     joined = pairs
     for prefix, key in (("q_", "query_id"), ("t_", "target_id")):
@@ -195,6 +207,65 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64):
         NotePreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "sides": [("q_", "query_id"), ("t_", "target_id")]},
         compute=_actor_pool(run_cfg), batch_size=batch_size, batch_format="pyarrow",
     )
+
+
+BROADCAST_MAX_BYTES = 1 << 30
+
+
+def pair_join_mode(notes_path: str, mode: str) -> str:
+    """`broadcast` or `shuffle` for `data.pair_join` (`auto`: broadcast up to 1 GiB of notes.parquet)."""
+    if mode != "auto":
+        return mode
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(notes_path) if "://" in notes_path else (pyarrow.fs.LocalFileSystem(), notes_path)
+        size = fs.get_file_info(path).size
+    except Exception:  # an unusual filesystem: the join scales to anything
+        return "shuffle"
+    return "broadcast" if size is not None and size <= BROADCAST_MAX_BYTES else "shuffle"
+
+
+class PairPreprocessor:
+    """Broadcast join + preprocessing in one actor: loads notes.parquet once, sorted by id, and
+    turns each batch of (query_id, target_id) rows into the pair layout by looking both notes
+    up. Pairs whose notes are missing are dropped, counted and logged (a hash join drops them
+    silently). Holds the notes table (compressed image bytes or URIs) in actor memory."""
+
+    def __init__(self, model_cfg, notes_path: str, columns: list[str]):
+        import pyarrow.parquet as pq
+
+        self.prep = NotePreprocessor(model_cfg)
+        notes = pq.read_table(notes_path, columns=columns)
+        ids = notes["note_id"].to_numpy()
+        order = np.argsort(ids, kind="stable")
+        self.ids, self.notes = ids[order], notes.take(order)
+        self.notes_path = notes_path
+        self.missing = 0
+
+    def __call__(self, batch) -> dict:
+        cols = _columns(batch)
+        q = np.asarray(cols["query_id"], dtype=np.int64)
+        t = np.asarray(cols["target_id"], dtype=np.int64)
+        qi, ti = self._rows(q), self._rows(t)
+        keep = (qi >= 0) & (ti >= 0)
+        if not keep.all():
+            self.missing += int((~keep).sum())
+            log.warning("%s: %d pair(s) so far reference note ids not in the file; dropped",
+                        self.notes_path, self.missing)
+        out: dict[str, np.ndarray] = {}
+        for prefix, rows in (("q_", qi[keep]), ("t_", ti[keep])):
+            for key, value in self.prep(self.notes.take(rows)).items():
+                if key != "text_chars":
+                    out[prefix + key] = value
+        return out
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id in the sorted notes table, -1 where absent."""
+        if len(self.ids) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.where(self.ids[pos] == ids, pos, -1)
 
 
 def _num_partitions(pairs_path: str) -> int:

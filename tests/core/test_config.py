@@ -210,3 +210,15 @@ def test_shipped_search_space_is_yaml_with_metric_and_mode(path):
     assert isinstance(spec, dict)
     assert isinstance(spec.get("metric"), str) and spec["metric"]
     assert spec.get("mode") in ("min", "max")
+
+
+def test_readme_configuration_reference_is_generated_from_the_dataclasses():
+    """README's reference is `rayjobs.configref`'s output: a field added or re-documented without
+    `python -m rayjobs.configref --write README.md` fails here."""
+    from pathlib import Path
+
+    from rayjobs import configref
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split(configref.BEGIN, 1)[1].split(configref.END, 1)[0]
+    assert block == "\n" + configref.render()

@@ -2,7 +2,7 @@
 checkpoint cut off mid-write are all survived, with nothing lost (RELIABILITY.md).
 
 The sweep-driver kill (`--resume` runs only the unfinished trials) is covered by
-tests/rayjobs/test_tune.py::test_killed_sweep_resumes_without_rerunning_finished_trials.
+tests/rayjobs/test_tune.py::test_smoke_sweep_killed_then_resumed_finishes_without_rerunning_trials.
 """
 
 from __future__ import annotations

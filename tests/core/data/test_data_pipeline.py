@@ -21,8 +21,8 @@ def prepared(tmp_path_factory):
     return out
 
 
-def run_cfg(**model):
-    return RunConfig.from_dict({"model": tiny_model_dict(**model), "data": {"preprocess_actors": 1}})
+def run_cfg(pair_join="auto", **model):
+    return RunConfig.from_dict({"model": tiny_model_dict(**model), "data": {"preprocess_actors": 1, "pair_join": pair_join}})
 
 
 def token_width(cfg):
@@ -97,3 +97,46 @@ def test_pair_dataset_through_torch_trainer(ray_local, prepared, tmp_path):
     assert all(s["shapes_ok"] for s in seen)
     assert all(s["pairs_seen"] > 0 for s in seen)  # both workers got a shard
     assert sum(s["pairs_seen"] for s in seen) > n_pairs - 2 * 4 * 2  # drop_last loses < a batch per worker and block
+
+
+def _rows_by_pair(rows) -> dict:
+    return {(int(r["q_note_id"]), int(r["t_note_id"])): r for r in rows}
+
+
+def test_broadcast_and_shuffle_joins_give_the_same_pairs(ray_local, prepared):
+    from core.data.pipeline import pair_join_mode
+
+    assert pair_join_mode(str(prepared / "notes.parquet"), "auto") == "broadcast"  # a small file
+    pairs = pq.read_table(prepared / "pairs_test.parquet")
+    expected = set(zip(pairs["query_id"].to_pylist(), pairs["target_id"].to_pylist()))
+    broadcast = pair_dataset(prepared, "test", run_cfg("broadcast")).take_all()
+    shuffle = _rows_by_pair(pair_dataset(prepared, "test", run_cfg("shuffle")).take_all())
+    assert [(int(r["q_note_id"]), int(r["t_note_id"])) for r in broadcast] == list(zip(
+        pairs["query_id"].to_pylist(), pairs["target_id"].to_pylist()))  # file order, every pair
+    assert set(shuffle) == expected
+    for row in broadcast:
+        other = shuffle[(int(row["q_note_id"]), int(row["t_note_id"]))]
+        assert set(row) == set(other)
+        for key in row:
+            np.testing.assert_array_equal(row[key], other[key], err_msg=key)
+
+
+def test_broadcast_join_drops_and_counts_pairs_with_unknown_notes(prepared, caplog):
+    import pyarrow as pa
+
+    import dataclasses
+
+    from core.data.pipeline import PairPreprocessor, _note_columns
+
+    cfg = run_cfg("broadcast")
+    prep = PairPreprocessor(dataclasses.asdict(cfg.model), str(prepared / "notes.parquet"), _note_columns(cfg.model))
+    batch = pa.table({"query_id": pa.array([0, 999_999, 1], pa.int64()), "target_id": pa.array([1, 2, 999_998], pa.int64())})
+    with caplog.at_level("WARNING"):
+        out = prep(batch)
+    assert out["q_note_id"].tolist() == [0] and out["t_note_id"].tolist() == [1]
+    assert prep.missing == 2 and "2 pair(s) so far reference note ids not in the file" in caplog.text
+
+
+def test_prepared_train_pairs_are_not_grouped_by_query(prepared):
+    q = pq.read_table(prepared / "pairs_train.parquet")["query_id"].to_numpy()
+    assert len(q) > 20 and not np.all(np.diff(q) >= 0)
