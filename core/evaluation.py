@@ -171,6 +171,9 @@ def evaluate_embeddings(
         raise ValueError(f"embeddings {tuple(emb.shape)} do not match {len(ids)} note ids")
     if normalize:
         emb = F.normalize(emb, dim=-1)
+    if len(emb) > 1 and float((emb - emb[:1]).abs().max()) < 1e-6:
+        log.warning("all %d embeddings are identical: every candidate ties with the target, so each rank is 0 "
+                    "under the strictly-higher rule and recall reads 1.0 without meaning anything", len(emb))
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     query_rows = _rows_of(protocol.query_ids, sorted_ids, order, "query")
@@ -384,6 +387,16 @@ def preprocess_notes_local(notes, preprocessor, batch_size: int = 256) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def check_modality(model_cfg, modality: str) -> None:
+    """Refuse `image` (text blanked) for a model that reads no pixels (prompt_mode `text`, no late
+    fusion): every note would embed the same blank prompt and every rank would tie at 0."""
+    from core.data.pipeline import needs_image
+
+    if modality == "image" and not needs_image(model_cfg):
+        raise ValueError("modality 'image' needs a model that reads images; this one has prompt_mode=text and "
+                         "late_fusion off (only 'text' and 'both' apply)")
+
+
 def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | None = None, *,
                       modality: str = "both", pool: str = "test", preprocessor=None,
                       return_per_query: bool = False):
@@ -410,6 +423,7 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
     """
     from core.data.pipeline import IMAGE_COLUMNS, TEXT_COLUMNS, NotePreprocessor, needs_image
 
+    check_modality(run_cfg.model, modality)
     pairs = read_test_pairs(data_dir)
     all_ids = read_notes(data_dir, columns=["note_id"])["note_id"].to_numpy() if pool == "all" else None
     protocol = build_protocol(pairs, pool=pool, all_note_ids=all_ids, max_queries=max_queries)

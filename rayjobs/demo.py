@@ -83,7 +83,14 @@ def evaluate_modalities(export: str, data_dir: str) -> dict:
     model, _, cfg = load_export(export)
     model.eval()
     with torch.no_grad():
-        return {m: validation_recall(model, data_dir, cfg, "cpu", modality=m) for m in MODALITIES}
+        return {m: validation_recall(model, data_dir, cfg, "cpu", modality=m) for m in _modalities(cfg)}
+
+
+def _modalities(cfg: RunConfig) -> tuple[str, ...]:
+    """`image` only applies to a model that reads images (the text-only variant's row is n/a)."""
+    from core.data.pipeline import needs_image
+
+    return MODALITIES if needs_image(cfg.model) else tuple(m for m in MODALITIES if m != "image")
 
 
 def evaluate_untrained(cfg: RunConfig) -> dict:
@@ -95,7 +102,7 @@ def evaluate_untrained(cfg: RunConfig) -> dict:
     model, _ = build_model(cfg.model, cfg.loss, seed=cfg.train.seed)
     model.eval()
     with torch.no_grad():
-        return {m: validation_recall(model, cfg.data.path, cfg, "cpu", modality=m) for m in MODALITIES}
+        return {m: validation_recall(model, cfg.data.path, cfg, "cpu", modality=m) for m in _modalities(cfg)}
 
 
 def finished_run(cfg: RunConfig) -> dict | None:
@@ -133,19 +140,22 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None) 
     base = [f"data.path={out / 'data' / 'tuxpaint'}"] + ([f"train.max_steps={steps}", "train.checkpoint_every=0"] if steps else [])
     variants = [v for v in VARIANTS if not quick or v[0] in QUICK_VARIANTS]
     trials = num_trials if num_trials is not None else (1 if quick else 3)
-    plan = [("data", 1), ("baseline", 1), ("sweep", 3 * trials), ("ablation", 3 * len(variants)),
-            ("evaluate", len(variants)), ("report", 0.2)]
+    # relative stage costs, from a full run on 2 idle cores (minutes: data 0.1, baseline 0.4, a
+    # sweep trial or training run ~2, the three-modality evaluation of one run 0.3)
+    per_run = 2.0
+    plan = [("data", 0.1), ("baseline", 0.4), ("sweep", per_run * trials), ("ablation", per_run * len(variants)),
+            ("evaluate", 0.3 * len(variants)), ("report", 0.05)]
     progress = Progress(plan)
 
     probe = resolve_paths(variant_config(base, "probe", [], out))
     progress.say("data", f"Tux Paint corpus -> {probe.data.path}")
     ensure_data(probe)
     ensure_ray()
-    progress.advance(1)
+    progress.advance(0.1)
 
     progress.say("baseline", "untrained NoteLLM-2 (no training), 3 modalities")
     untrained = evaluate_untrained(resolve_paths(variant_config(base, "untrained", VARIANTS[3][2], out)))
-    progress.advance(1)
+    progress.advance(0.4)
 
     sweep = None
     if trials > 0:
@@ -160,7 +170,7 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None) 
         progress.say("sweep", f"{trials} Tune trial(s) over L, alpha, tau -> {sweep_dir}")
         sweep = run_sweep(spec, storage=str(out / "tune"), name="demo", num_samples=trials,
                           resume=sweep_dir.exists() and any(sweep_dir.iterdir()))
-        progress.advance(3 * trials)
+        progress.advance(per_run * trials)
 
     results = []
     for i, (name, label, overrides) in enumerate(variants, 1):
@@ -171,14 +181,14 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None) 
             final = run_training(cfg)
         else:
             progress.say("ablation", f"run {i}/{len(variants)}: {label} already finished, kept")
-        progress.advance(3)
+        progress.advance(per_run)
         results.append((name, label, final))
 
     evaluated = [("untrained", "untrained NoteLLM-2", untrained)]
     for i, (name, label, final) in enumerate(results, 1):
-        progress.say("evaluate", f"{i}/{len(results)}: {label}, modalities {', '.join(MODALITIES)}")
+        progress.say("evaluate", f"{i}/{len(results)}: {label}, modalities {', '.join(_modalities(RunConfig.from_dict(final['config'])))}")
         evaluated.append((name, label, evaluate_modalities(final["export"], probe.data.path)))
-        progress.advance(1)
+        progress.advance(0.3)
 
     progress.say("report", "ablation table and leaderboard")
     ks = probe.eval.ks

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from core.config import ConfigError
-    from core.evaluation import build_protocol, evaluate_embeddings, markdown_table, read_notes, read_test_pairs
+    from core.evaluation import build_protocol, check_modality, evaluate_embeddings, markdown_table, read_notes, read_test_pairs
 
     try:
         run_cfg = run_config_of(args.checkpoint, args.untrained)
@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     from core.data.schema import DataError
 
     try:
+        if kind == "multimodal":
+            check_modality(run_cfg.model, args.modality)
         pairs = read_test_pairs(args.data)
         all_ids = read_notes(args.data, columns=["note_id"])["note_id"].to_numpy() if args.pool == "all" else None
         protocol = build_protocol(pairs, pool=args.pool, all_note_ids=all_ids)

@@ -222,3 +222,26 @@ def test_validation_recall_runs_and_modalities_differ(tiny_run):
     assert not np.array_equal(ranks["both"], ranks["text"])
     few = validation_recall(tiny_run.model, tiny_run.data_dir, cfg, "cpu", max_queries=5)
     assert few["num_queries"] == 5
+
+
+def test_image_modality_is_refused_for_a_model_that_reads_no_image(tiny_run):
+    import dataclasses
+
+    from core.evaluation import check_modality, validation_recall
+
+    text_model = dataclasses.replace(tiny_run.cfg.model, prompt_mode="text", late_fusion=False)
+    check_modality(text_model, "text")
+    check_modality(dataclasses.replace(text_model, late_fusion=True), "image")  # late fusion reads pixels
+    cfg = dataclasses.replace(tiny_run.cfg, model=text_model)
+    with pytest.raises(ValueError, match="modality 'image' needs a model that reads images"):
+        validation_recall(tiny_run.model, tiny_run.data_dir, cfg, "cpu", modality="image")
+
+
+def test_identical_embeddings_warn_that_recall_is_meaningless(caplog):
+    pairs = hand_pairs()
+    protocol = build_protocol(pairs)
+    ids = np.array([1, 2, 3, 4, 11, 12, 13, 14])
+    with caplog.at_level("WARNING"):
+        metrics, _ = evaluate_embeddings(ids, np.ones((8, 4), np.float32), protocol, [1])
+    assert metrics["all"]["R@1"] == 1.0  # every candidate ties: rank 0 under the strictly-higher rule
+    assert "all 8 embeddings are identical" in caplog.text
