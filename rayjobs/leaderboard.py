@@ -261,6 +261,16 @@ def write_csv(rows: list[dict], cols: list[str], path: Path) -> None:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
 
 
+def _under(path: str | None, root: str | Path) -> str | None:
+    """`path` relative to `root` when it lies under it (the Markdown table stays readable)."""
+    if not path or "://" in str(path):
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return path
+
+
 def write_markdown(rows: list[dict], cols: list[str], path: Path, title: str, note: str) -> None:
     lines = [f"# {title}", "", note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -407,7 +417,8 @@ def write_leaderboard(storage: str | Path, out_dir: str | Path | None = None, me
             + (f"; {len(skipped)} skipped" if skipped else ""))
     paths = {"csv": out / "leaderboard.csv", "md": out / "leaderboard.md", "html": out / "leaderboard.html"}
     write_csv(rows, cols, paths["csv"])
-    write_markdown(rows, cols, paths["md"], title, note)
+    write_markdown([{**r, "checkpoint": _under(r.get("checkpoint"), storage)} for r in rows], cols, paths["md"], title,
+                   note + "; checkpoint paths relative to it")
     write_html(rows, cols, paths["html"], title, note, metric, skipped)
     print(f"[leaderboard] {note}", flush=True)
     for p, why in skipped:

@@ -78,7 +78,9 @@ def test_ranking_columns_and_skipped(storage: Path, tmp_path: Path, capsys):
     assert float(best["R@10"]) == pytest.approx(0.70) and float(best["short_query/R@10"]) == pytest.approx(0.45)
     assert best["checkpoint"].endswith("checkpoint_00000012")
     md = Path(out["md"]).read_text()
-    assert md.count("| run-") == 3
+    ranked = [line for line in md.splitlines() if line.startswith(("| 1 | run-", "| 2 | run-", "| 3 | run-"))]
+    assert len(ranked) == 3
+    assert ranked[0].endswith("| run-b/checkpoint_00000012 |")  # relative to the storage root in Markdown
 
 
 def test_metric_override_and_min_mode(storage: Path, tmp_path: Path):
