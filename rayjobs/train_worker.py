@@ -15,7 +15,9 @@ with a clear message.
 
 A checkpoint cut off mid-write (no `state.json`, an unreadable one, or a truncated shard file)
 is never resumed from: `resume_candidates` falls back to the newest complete `checkpoint_*`
-directory next to it in the run's storage and logs which one is used (local/NFS storage).
+directory next to it in the run's storage and logs which one is used (local/NFS storage). A
+complete checkpoint that Ray's own state never recorded (the driver was killed between a worker
+writing it and the controller saving its state) is found in the run directory and resumed from.
 """
 
 from __future__ import annotations
@@ -136,40 +138,57 @@ def _ckpt_order(path: Path) -> tuple[int, str]:
     return (int(digits) if digits.isdigit() else -1, path.name)
 
 
-def resume_candidates(latest: str | os.PathLike) -> list[Path]:
-    """`latest` (the checkpoint Ray reports) then the older `checkpoint_*` dirs beside it, newest first."""
-    latest = Path(latest)
-    older = [p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and _ckpt_order(p) < _ckpt_order(latest)]
-    return [latest, *sorted(older, key=_ckpt_order, reverse=True)]
+def resume_candidates(run_dir: str | os.PathLike, latest: str | os.PathLike | None = None) -> list[Path]:
+    """Every `checkpoint_*` dir of the run plus `latest` (the checkpoint Ray reports, which may
+    live beside them), newest step first; `-resume` generations of a step sort before the original."""
+    latest = Path(latest).resolve() if latest is not None else None
+    folders = {Path(run_dir).resolve()} | ({latest.parent} if latest is not None else set())
+    found = {p for f in folders if f.is_dir() for p in f.glob("checkpoint_*") if p.is_dir()}
+    if latest is not None:
+        found.add(latest)
+    return sorted(found, key=_ckpt_order, reverse=True)
 
 
-def _pick_resume_dir(checkpoint, rank: int, device) -> tuple[Path | None, str]:
-    """The newest complete checkpoint, starting from Ray's latest; all ranks agree on the choice.
+def _pick_resume_dir(checkpoint, run_dir: Path, rank: int, device) -> tuple[Path | None, str]:
+    """The newest complete checkpoint to resume from; all ranks agree on the choice.
+
+    Local/NFS storage: every `checkpoint_*` dir of the run is a candidate, newest step first,
+    including dirs Ray's checkpoint manager never recorded (a driver killed between a worker
+    writing a checkpoint and the controller saving its state leaves such an orphan; without
+    this, the rerun would start again from step 0). Remote storage: Ray's latest, as reported.
 
     Every rank inspects every shard of a candidate (not only its own), so ranks that share the
     storage reach the same verdict; `_all_true` makes that agreement explicit.
 
     Returns:
-        (directory or None for remote storage, suffix for the names of later checkpoints). After
-        a fall-back the suffix is non-empty: the steps after the fall-back point are saved again,
-        and reusing the names of the broken checkpoints would let Ray's retention delete a
-        directory it still lists.
+        (directory, or None for "start from step 0" or "remote: use Ray's checkpoint as is";
+        suffix for the names of later checkpoints). The suffix is non-empty whenever the choice is
+        not Ray's latest: the steps after it are saved again, and reusing the names of skipped
+        checkpoints would let Ray's retention delete a directory it still lists.
     """
-    if "://" in str(checkpoint.path) or not Path(checkpoint.path).is_dir():
+    latest = Path(checkpoint.path).resolve() if checkpoint is not None else None
+    if latest is not None and ("://" in str(checkpoint.path) or not latest.is_dir()):
         return None, ""  # remote storage: trust Ray's latest (checked after download)
-    n_dirs = len(list(Path(checkpoint.path).parent.glob("checkpoint_*")))
-    for candidate in resume_candidates(checkpoint.path):
+    candidates = resume_candidates(run_dir, latest)
+    suffix = f"-resume{len(candidates)}"
+    for candidate in candidates:
         problem = checkpoint_problem(candidate)
         if _all_true(problem is None, device):
-            if candidate == Path(checkpoint.path):
+            if candidate == latest:
                 return candidate, ""
             if rank == 0:
-                print(f"[train] resuming from the previous complete checkpoint {candidate.name}", flush=True)
-            return candidate, f"-resume{n_dirs}"
+                why = "previous complete checkpoint" if latest is not None else "checkpoint found in the run directory"
+                print(f"[train] resuming from the {why} {candidate.name}", flush=True)
+            return candidate, suffix
         if rank == 0:
             print(f"[train] checkpoint {candidate} is unusable ({problem or 'incomplete on another rank'}); "
                   "trying the previous one", flush=True)
-    raise RuntimeError(f"no complete checkpoint under {Path(checkpoint.path).parent}: every checkpoint_* dir is "
+    if latest is None:
+        if candidates and rank == 0:
+            print(f"[train] no complete checkpoint under {run_dir} ({len(candidates)} incomplete); starting from step 0",
+                  flush=True)
+        return None, suffix if candidates else ""
+    raise RuntimeError(f"no complete checkpoint under {latest.parent}: every checkpoint_* dir is "
                        f"incomplete; delete the run directory to start over")
 
 
@@ -277,10 +296,11 @@ def train_fn_per_worker(config: dict) -> None:
     step, start_epoch, skip_batches, history = 0, 0, 0, []
     ckpt_suffix = ""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        local_dir, ckpt_suffix = _pick_resume_dir(checkpoint, rank, device)
+    if checkpoint is not None or "://" not in t.storage_path:
+        local_dir, ckpt_suffix = _pick_resume_dir(checkpoint, Path(t.storage_path) / t.name, rank, device)
         if local_dir is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(local_dir))
+    if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             problem = checkpoint_problem(ckpt_dir)
             if problem:

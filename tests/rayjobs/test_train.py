@@ -47,6 +47,28 @@ def test_local_mode_worker_function_runs_twice_in_one_process(ray_local, tmp_pat
         assert 0.0 <= final["R@10"] <= 1.0
 
 
+def test_rerun_resumes_from_a_checkpoint_only_the_run_directory_knows(ray_local, tmp_path, smoke_data, capfd):
+    """Ray's own run state may miss a checkpoint that is complete on disk (a driver killed between
+    a worker writing it and the controller saving its state; local mode keeps no state at all).
+    The rerun finds it in the run directory, skips a newer incomplete one, and continues."""
+    from rayjobs.train import run_training
+
+    args = ("train.num_workers=0", "train.deepspeed=zero0", "train.checkpoint_every=2")
+    first = run_training(smoke_cfg(tmp_path, smoke_data, "orphan", *args, "train.max_steps=2"))
+    assert first["steps"] == 2
+    run_dir = Path(first["run_dir"])
+    (run_dir / "checkpoint_00000003").mkdir()  # cut off before anything was written
+    capfd.readouterr()
+
+    final = run_training(smoke_cfg(tmp_path, smoke_data, "orphan", *args, "train.max_steps=4"))
+    out = capfd.readouterr().out
+    assert "checkpoint_00000003 is unusable (no state.json)" in out
+    assert "resumed from step 2 (epoch 0, batch 2) of checkpoint_00000002" in out
+    assert final["steps"] == 4
+    assert [h["step"] for h in history(final)] == [1, 2, 3, 4]
+    assert Path(final["checkpoint"]).name.startswith("checkpoint_00000004-resume")
+
+
 def mean_pair_loss(model, cfg, data_dir, batches=8) -> float:
     """Average loss over a fixed set of training batches (no gradient): far less noisy than
     comparing single-step training losses."""
