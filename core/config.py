@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -29,6 +31,7 @@ DTYPES = ("float32", "bfloat16")
 ZERO_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 NAN_POLICIES = ("skip", "stop")
 MODALITIES = ("both", "image", "text")
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]*")
 
 
 class ConfigError(ValueError):
@@ -55,6 +58,41 @@ def _check_range(section: str, name: str, value: Any, lo=None, hi=None, lo_open=
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
         _fail(section, name, value, f"a value in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if get_origin(hint) in (Union, types.UnionType):
+        return any(_matches(value, a) for a in get_args(hint))
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_matches(v, get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(hint))
+    if get_origin(hint) is list:
+        return f"a list of ({_describe(get_args(hint)[0])})"
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _check_types(config: Any, section: str) -> None:
+    """Every field holds a value of its annotated type (`true` for a bool, not `maybe`; an int
+    seed, not `1.5`). Runs after the field-specific checks, whose messages are more precise."""
+    for name, hint in get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        if not _matches(value, hint):
+            _fail(section, name, value, _describe(hint))
 
 
 @dataclass
@@ -141,6 +179,7 @@ class ModelConfig:
         _check_range(s, "content_max_chars", self.content_max_chars, lo=0)
         _check_range(s, "max_topics", self.max_topics, lo=0)
         _check_choice(s, "dtype", self.dtype, DTYPES)
+        _check_types(self, s)
 
 
 @dataclass
@@ -166,6 +205,7 @@ class LossConfig:
         _check_range(s, "max_log_scale", self.max_log_scale, lo=0, hi=20, lo_open=True)
         _check_range(s, "alpha", self.alpha, lo=0)
         _check_choice(s, "gather", self.gather, GATHER_MODES)
+        _check_types(self, s)
 
 
 @dataclass
@@ -194,6 +234,8 @@ class DataConfig:
         _check_range(s, "short_text_chars", self.short_text_chars, lo=0)
         _check_range(s, "preprocess_actors", self.preprocess_actors, lo=1)
         _check_choice(s, "pair_join", self.pair_join, ("auto", "broadcast", "shuffle"))
+        _check_range(s, "seed", self.seed, lo=0)
+        _check_types(self, s)
 
 
 @dataclass
@@ -259,6 +301,12 @@ class TrainConfig:
         _check_range(s, "log_every", self.log_every, lo=1)
         _check_range(s, "max_failures", self.max_failures, lo=-1)
         _check_choice(s, "nan_policy", self.nan_policy, NAN_POLICIES)
+        _check_range(s, "seed", self.seed, lo=0)
+        if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name) or self.name in (".", ".."):
+            _fail(s, "name", self.name, "letters, digits, '.', '_' and '-' (a directory name), or empty")
+        if not isinstance(self.storage_path, str) or not self.storage_path:
+            _fail(s, "storage_path", self.storage_path, "a local path, NFS path, s3:// or gs:// URI")
+        _check_types(self, s)
 
 
 @dataclass
@@ -285,6 +333,7 @@ class EvalConfig:
             _fail(s, "metric", self.metric, "'R@<k>', 'short_query/R@<k>' or 'short_target/R@<k>'")
         _check_range(s, "batch_size", self.batch_size, lo=1)
         _check_range(s, "chunk_size", self.chunk_size, lo=1)
+        _check_types(self, s)
 
 
 @dataclass

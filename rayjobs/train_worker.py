@@ -6,6 +6,9 @@ backward/step. Every `train.checkpoint_every` steps, at each epoch end and at th
 write a DeepSpeed checkpoint (frozen weights excluded) plus `state.json`, reported with
 `ray.train.report`; rank 0 adds an inference export at the end.
 
+`state.json` holds step, epoch, in-epoch batch position, world size, the loss history, the
+count of skipped non-finite steps and `resumes` (one `{step, checkpoint}` entry per resume).
+
 Resume guarantees: the optimizer step count, optimizer/scheduler state and RNG seeds are
 restored exactly. The data position is restored by skipping the batches already consumed in
 the interrupted epoch; Ray Data reshuffles nothing between runs (no random shuffle in the
@@ -293,7 +296,7 @@ def train_fn_per_worker(config: dict) -> None:
         print(f"[train] {cfg.train.name}: {world} worker(s), {t.deepspeed}, trainable {counts['trainable']:,} / "
               f"{counts['total']:,} params, {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
 
-    step, start_epoch, skip_batches, history = 0, 0, 0, []
+    step, start_epoch, skip_batches, history, resumes = 0, 0, 0, [], []
     ckpt_suffix = ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None or "://" not in t.storage_path:
@@ -316,6 +319,7 @@ def train_fn_per_worker(config: dict) -> None:
             raise RuntimeError(f"checkpoint restore mismatch: trainable weights sum {restored} != saved {expected}")
         step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
         history = state.get("history", [])
+        resumes = [*state.get("resumes", []), {"step": step, "checkpoint": Path(str(checkpoint.path)).name}]
         if rank == 0:
             print(f"[train] resumed from step {step} (epoch {start_epoch}, batch {skip_batches}) "
                   f"of {Path(str(checkpoint.path)).name}", flush=True)
@@ -335,7 +339,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     def report(metrics: dict, save: bool, final: bool = False) -> None:
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "world_size": world,
-                 "history": history[-2000:], "skipped_nonfinite": skipped_nonfinite,
+                 "history": history[-2000:], "skipped_nonfinite": skipped_nonfinite, "resumes": resumes,
                  "trainable_checksum": _trainable_checksum(engine)}
         if save:
             tmp = _save_checkpoint(engine, state, cfg, rank, final, tokenizer)

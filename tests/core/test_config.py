@@ -60,6 +60,16 @@ BAD_VALUES = [
     (DataConfig, "num_notes", 2, ["data.num_notes", "[4, inf]"]),
     (EvalConfig, "ks", [0, 10], ["eval.ks", "integers >= 1"]),
     (EvalConfig, "metric", "recall", ["eval.metric", "R@"]),
+    # wrong types that no range check catches: every field holds its annotated type
+    (ModelConfig, "late_fusion", "maybe", ["model.late_fusion", "true or false"]),
+    (ModelConfig, "llm_num_layers", 2.5, ["model.llm_num_layers", "an integer or null"]),
+    (TrainConfig, "use_gpu", 2, ["train.use_gpu", "true or false"]),
+    (TrainConfig, "seed", -5, ["train.seed", "[0, inf]"]),
+    (TrainConfig, "name", "a/b", ["train.name", "a directory name"]),
+    (TrainConfig, "name", "..", ["train.name", "a directory name"]),
+    (DataConfig, "seed", 1.5, ["data.seed", "an integer"]),
+    (EvalConfig, "every_epoch", "x", ["eval.every_epoch", "true or false"]),
+    (LossConfig, "learnable_temperature", 1, ["loss.learnable_temperature", "true or false"]),
 ]
 
 

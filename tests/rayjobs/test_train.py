@@ -67,6 +67,8 @@ def test_rerun_resumes_from_a_checkpoint_only_the_run_directory_knows(ray_local,
     assert final["steps"] == 4
     assert [h["step"] for h in history(final)] == [1, 2, 3, 4]
     assert Path(final["checkpoint"]).name.startswith("checkpoint_00000004-resume")
+    state = json.loads((Path(final["checkpoint"]) / "state.json").read_text())
+    assert state["resumes"] == [{"step": 2, "checkpoint": "checkpoint_00000002"}]
 
 
 def mean_pair_loss(model, cfg, data_dir, batches=8) -> float:

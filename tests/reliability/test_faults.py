@@ -77,8 +77,11 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted_run(ray
     thread.join(timeout=5)
     assert killed, "no worker was killed: the run finished before the first checkpoint appeared"
 
-    history = saved_state(final["checkpoint"])["history"]
-    reference = saved_state(reference_run["checkpoint"])["history"]
+    state = saved_state(final["checkpoint"])
+    history, reference = state["history"], saved_state(reference_run["checkpoint"])["history"]
+    # a resume, not a restart from step 0 (which a deterministic run would also pass below)
+    assert len(state["resumes"]) == 1 and state["resumes"][0]["step"] >= 3, state["resumes"]
+    assert state["resumes"][0]["checkpoint"] == f"checkpoint_{state['resumes'][0]['step']:08d}"
     assert final["steps"] == reference_run["steps"] == 12
     assert [h["step"] for h in history] == list(range(1, 13)), "a step was lost or repeated"
     for got, want in zip(history, reference):
@@ -134,6 +137,7 @@ def test_killed_driver_rerun_resumes_from_saved_step(rel_data, tmp_path):
     history = saved_state(final["checkpoint"])["history"]
     assert final["steps"] == 12 and [h["step"] for h in history] == list(range(1, 13))
     assert history[:saved["step"]] == saved["history"], "steps before the kill were retrained"
+    assert saved_state(final["checkpoint"])["resumes"] == [{"step": saved["step"], "checkpoint": f"checkpoint_{saved['step']:08d}"}]
 
 
 @pytest.mark.slow

@@ -4,11 +4,14 @@ temperature stays in [e^-max_log_scale, 1] whatever log_scale becomes."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from core.config import LossConfig
+from core.losses import pair_contrastive_loss
 from tests.reliability.conftest import saved_state, smoke_cfg
 
 
@@ -94,3 +97,46 @@ def test_nan_loss_with_stop_policy_fails_naming_the_step(ray_local, rel_data, tm
     for state_file in saved:
         assert saved_state(state_file.parent)["step"] <= 2
         assert all_saved_tensors_finite(state_file.parent) > 0
+
+
+@pytest.mark.parametrize("log_scale", [1e6, 88.0, 4.6052, -1e6, float("inf"), -float("inf")])
+def test_extreme_log_scale_is_clamped_and_loss_stays_finite(log_scale):
+    """tau is clamped to [0, max_log_scale] in the loss: logits are at most 100x cos-sims, so
+    even tau = +-inf gives a finite loss and gradient."""
+    torch.manual_seed(0)
+    cfg = LossConfig()
+    emb = torch.randn(8, 16, requires_grad=True)
+    tau = torch.tensor([log_scale], requires_grad=True)
+    loss = pair_contrastive_loss(emb, tau, torch.arange(8), max_log_scale=cfg.max_log_scale)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(emb.grad).all()
+    clamped = min(max(log_scale, 0.0), cfg.max_log_scale)
+    reference = pair_contrastive_loss(emb.detach(), torch.tensor([clamped]), torch.arange(8), max_log_scale=None)
+    assert torch.allclose(loss.detach(), reference)
+
+
+def test_reported_temperature_is_in_range():
+    from core.step import compute_loss
+
+    class Out:
+        multimodal = torch.randn(8, 16)
+        visual = torch.randn(8, 16)
+
+    cfg = LossConfig()
+    for log_scale in (1e6, -1e6, 3.0):
+        _, metrics = compute_loss(Out(), torch.tensor([log_scale]), torch.arange(8), cfg)
+        assert math.exp(-cfg.max_log_scale) - 1e-9 <= metrics["temperature"].item() <= 1.0
+    assert math.isclose(metrics["temperature"].item(), math.exp(-3.0), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.temperature_init=50", "loss.temperature_init=50.0 is invalid"),
+    ("loss.max_log_scale=0", "allowed a value in [0, 0.0]"),  # tau_init=3 no longer fits
+    ("loss.max_log_scale=.nan", "a finite number"),
+    ("train.lr=.inf", "train.lr=inf is invalid"),
+])
+def test_config_refuses_non_finite_or_out_of_range_numbers(override, message):
+    from core.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(None, [override])
