@@ -195,6 +195,45 @@ def _pick_resume_dir(checkpoint, run_dir: Path, rank: int, device) -> tuple[Path
                        f"incomplete; delete the run directory to start over")
 
 
+# The only non-tensor classes DeepSpeed (ZeRO 0-3, fp32/bf16) pickles into its checkpoints.
+CHECKPOINT_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _load_weights_only(engine) -> None:
+    """Make the engine read checkpoints with `torch.load(weights_only=True)`.
+
+    DeepSpeed's own loader unpickles with `weights_only=False`, so a tampered checkpoint on
+    shared storage could run code in every worker. With this, a checkpoint holding anything but
+    tensors, containers and the classes in CHECKPOINT_SAFE_GLOBALS is refused with its path.
+    """
+    import importlib
+    import pickle
+
+    allowed = []
+    for dotted in CHECKPOINT_SAFE_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass  # another DeepSpeed version: that class is not pickled there either
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"checkpoint file {path} holds objects that are not weights; refusing to unpickle "
+                               f"it ({first})") from None
+
+    engine.checkpoint_engine.load = load
+
+
 def _save_checkpoint(engine, state: dict, cfg: RunConfig, rank: int, export: bool, tokenizer) -> str:
     """All ranks write their DeepSpeed shard into a fresh local dir; Ray merges the dirs."""
     tmp = tempfile.mkdtemp(prefix=f"ckpt-r{rank}-")
@@ -313,6 +352,7 @@ def train_fn_per_worker(config: dict) -> None:
                 raise RuntimeError(
                     f"checkpoint was written by {state.get('world_size')} workers but this run has {world}; "
                     "ZeRO checkpoints only load at the same world size (set train.num_workers to match)")
+            _load_weights_only(engine)
             engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_module_strict=False)
         expected, restored = state.get("trainable_checksum"), _trainable_checksum(engine)
         if expected is not None and restored is not None and not math.isclose(expected, restored, rel_tol=1e-9, abs_tol=1e-6):

@@ -204,3 +204,32 @@ def test_checkpoint_problem_names_what_is_wrong(tmp_path):
     assert order == [p.name for p in resume_candidates(tmp_path / "elsewhere", tmp_path / "checkpoint_00000010")]
     assert order == ["checkpoint_00000010", "checkpoint_00000008-resume5", "checkpoint_00000008", "checkpoint_00000006",
                      "checkpoint_00000004", "checkpoint_00000002"]
+
+
+class _Payload:
+    """Stands in for what a tampered checkpoint could carry: an arbitrary pickled object."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_checkpoint_loader_refuses_anything_but_weights(tmp_path, capfd):
+    """Resume reads DeepSpeed files with torch.load(weights_only=True): tensors and DeepSpeed's
+    bookkeeping classes load, a pickled callable is refused naming the file and never runs."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from rayjobs.train_worker import _load_weights_only
+
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
+    _load_weights_only(engine)
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(2), "zero_stage": ZeroStageEnum.gradients, "step": 3}, good)
+    torch.save({"w": torch.ones(2), "payload": _Payload()}, bad)
+    loaded = engine.checkpoint_engine.load(str(good), map_location="cpu")
+    assert torch.equal(loaded["w"], torch.ones(2)) and loaded["zero_stage"] == ZeroStageEnum.gradients
+    capfd.readouterr()
+    with pytest.raises(RuntimeError, match=r"bad\.pt holds objects that are not weights"):
+        engine.checkpoint_engine.load(str(bad), map_location="cpu")
+    assert "unpickled code ran" not in capfd.readouterr().out
