@@ -218,3 +218,18 @@ def test_training_refuses_pairs_that_reference_missing_notes(rel_data, tmp_path)
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert_one_line_error(proc, "pairs_train.parquet", "row 7", "field 'target_id'", "note 999999 is not in notes.parquet")
     assert not (tmp_path / "runs" / "badpairs").exists()
+
+
+def test_training_runs_on_the_prepared_bad_corpus(ray_local, bad_corpus, tmp_path):
+    """What survives the bad rows is a usable corpus: a (local-mode) training run on it finishes,
+    with text-only notes where images were refused, and reports a finite loss."""
+    import math
+
+    from rayjobs.train import run_training
+    from tests.reliability.conftest import smoke_cfg
+
+    root, _, report = bad_corpus
+    assert report["counts"]["pairs_train"] >= 4, report["counts"]
+    final = run_training(smoke_cfg(tmp_path / "runs", root / "out", "bad-corpus", "train.num_workers=0",
+                                   "train.deepspeed=zero0", "train.batch_size=2", "train.max_steps=2"))
+    assert final["steps"] == 2 and math.isfinite(final["loss"])

@@ -186,3 +186,49 @@ def test_cli_help_and_unreadable_file_fails_fast(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "x.parquet" in err
     assert main(["--corpus", "synthetic", "--out", str(tmp_path / "s"), "--num-notes", "40", "--top-t", "3"]) == 0
     assert "prepared synthetic" in capsys.readouterr().out
+
+
+def _bag_of_words(notes, dim: int = 512) -> np.ndarray:
+    out = np.zeros((len(notes), dim))
+    for i, note in enumerate(notes):
+        words = " ".join([note["title"] or "", note["content"] or "", *(note["topics"] or [])]).lower().split()
+        for w in words:
+            out[i, sum(map(ord, w)) * 2654435761 % dim] += 1.0
+    return out
+
+
+def _shape_colour(notes) -> np.ndarray:
+    """Mean RGB of the drawn shape (the saturated pixels): what the image says about the note."""
+    out = np.zeros((len(notes), 3))
+    for i, note in enumerate(notes):
+        px = np.asarray(Image.open(io.BytesIO(note["image"])).convert("RGB"), dtype=float)
+        shape = px[(px.max(axis=2) - px.min(axis=2)) > 80]
+        out[i] = shape.mean(axis=0) / 255.0 if len(shape) else 0.0
+    return out
+
+
+def test_synthetic_short_notes_lose_recall_without_the_image(tmp_path):
+    """The property the synthetic corpus exists for: text alone serves long queries but leaves
+    short ones near chance (their text is a shared filler title), while what the image shows
+    (here only the shape's colour) recovers short queries. Seeded, so the figures are fixed:
+    text R@10 0.39 all / 0.11 short-query; image colour 0.33 short-query (18 short queries)."""
+    import torch
+
+    from core.evaluation import build_protocol, evaluate_embeddings
+
+    prepare("synthetic", tmp_path, num_notes=400, seed=0)
+    notes = pq.read_table(tmp_path / "notes.parquet").to_pylist()
+    ids = np.array([n["note_id"] for n in notes])
+    protocol = build_protocol(pq.read_table(tmp_path / "pairs_test.parquet").to_pandas())
+    rng = np.random.default_rng(0)
+
+    def recall(features):
+        emb = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+        emb = emb + rng.normal(scale=1e-4, size=emb.shape)  # no exact ties (identical titles)
+        metrics, _ = evaluate_embeddings(ids, torch.tensor(emb, dtype=torch.float32), protocol, [10])
+        return metrics
+
+    text, image = recall(_bag_of_words(notes)), recall(_shape_colour(notes))
+    assert text["num"]["short_query"] >= 10, text["num"]
+    assert text["all"]["R@10"] >= text["short_query"]["R@10"] + 0.2, text  # text works, except on short notes
+    assert image["short_query"]["R@10"] >= text["short_query"]["R@10"] + 0.15, (text, image)
