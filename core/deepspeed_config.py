@@ -128,3 +128,21 @@ def load_deepspeed_config(
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": precision == "bfloat16"}
     cfg.pop("fp16", None)  # one mixed-precision mode at a time; bf16 is the only one we support
     return cfg
+
+
+def use_this_interpreters_build_tools() -> None:
+    """Put this interpreter's bin directory first on PATH before DeepSpeed JIT-builds an op.
+
+    DeepSpeed builds its C++ ops with the first `ninja` on PATH, and ninja rebuilds everything
+    when another ninja version wrote the build log last (pip's 1.13 and Debian's 1.11 use
+    different log formats): about a minute per switch on 2 cores. The virtualenv's bin directory
+    holds pip's ninja; putting it first makes set-up, drivers and Ray workers agree however they
+    were started (activated venv or not).
+    """
+    import os
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if os.path.exists(os.path.join(bin_dir, "ninja")) and parts[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *[q for q in parts if q != bin_dir]])

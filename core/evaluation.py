@@ -142,6 +142,7 @@ def evaluate_embeddings(
     chunk_size: int = 8192,
     normalize: bool = True,
     index: str = "exact",
+    exact_check_queries: int = 2000,
     **index_kwargs,
 ):
     """Recall@K per subset for embeddings of (at least) every query and pool note.
@@ -155,6 +156,9 @@ def evaluate_embeddings(
         normalize: L2-normalise before the dot product (the protocol's similarity).
         index: `exact` (chunked exact ranks) or a FAISS index kind, `hnsw` / `ivf`, for pools in
             the millions; approximate ranks stop at max(ks) (a rank of max(ks) = not retrieved).
+        exact_check_queries: with a FAISS index, also rank this many queries (a seeded sample)
+            exactly and report `approx_check`: exact and approximate Recall@K on that sample and
+            their difference, `recall_loss` (0 skips the check).
         **index_kwargs: FAISS settings (`ef_search`, `nprobe`, ...; see core.metrics).
 
     Returns:
@@ -182,11 +186,13 @@ def evaluate_embeddings(
     target_index = torch.from_numpy(np.searchsorted(protocol.pool_ids, protocol.target_ids)).long()
     queries, pool = emb[torch.from_numpy(query_rows)], emb[torch.from_numpy(pool_rows)]  # [Q, d], [P, d]
     pool_size = int(len(protocol.pool_ids))
+    approx_check = None
     if index == "exact":
         ranks = target_ranks(queries, pool, target_index, chunk_size=chunk_size)  # [Q]
     else:
         max_k = min(max(ks), pool_size)
         ranks = torch.from_numpy(approximate_target_ranks(queries, pool, target_index, max_k, index, **index_kwargs))
+        approx_check = _approx_check(queries, pool, target_index, ranks, ks, pool_size, chunk_size, exact_check_queries)
     metrics: dict = {}
     num = {}
     for subset in SUBSETS:
@@ -198,11 +204,24 @@ def evaluate_embeddings(
     metrics["pool_size"] = pool_size
     if protocol.dropped_pairs:
         metrics["dropped_pairs"] = protocol.dropped_pairs
+    if approx_check is not None:
+        metrics["approx_check"] = approx_check
     per_query = pd.DataFrame({
         "query_id": protocol.query_ids, "target_id": protocol.target_ids, "rank": ranks.numpy(),
         "short_query": protocol.short_query, "short_target": protocol.short_target,
     })
     return metrics, per_query
+
+
+def _approx_check(queries, pool, target_index, approx_ranks, ks, pool_size: int, chunk_size: int, n: int) -> dict | None:
+    """Exact vs approximate Recall@K on a seeded sample of the queries (what the index costs)."""
+    if n <= 0 or not len(queries):
+        return None
+    sample = torch.from_numpy(np.sort(np.random.default_rng(0).permutation(len(queries))[:n]))
+    exact = target_ranks(queries[sample], pool, target_index[sample], chunk_size=chunk_size)
+    exact_r, approx_r = recall_report(exact, ks, pool_size), recall_report(approx_ranks[sample], ks, pool_size)
+    loss = {k: (exact_r[k] - approx_r[k]) if exact_r[k] is not None and approx_r[k] is not None else None for k in exact_r}
+    return {"queries": int(len(sample)), "exact": exact_r, "approximate": approx_r, "recall_loss": loss}
 
 
 def flatten_metrics(metrics: Mapping) -> dict[str, float]:

@@ -712,6 +712,9 @@ def _mfu_one(model_over: dict, batch_pairs: int, steps: int, warmup: int) -> dic
     model.zero_grad(set_to_none=True)
     ds = load_deepspeed_config("zero2", micro_batch_size=batch_pairs, world_size=1, lr=1e-4, weight_decay=0.0, warmup_steps=0,
                                total_steps=steps + warmup, grad_clip=1.0, precision="bfloat16", use_gpu=True)
+    from core.deepspeed_config import use_this_interpreters_build_tools
+
+    use_this_interpreters_build_tools()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
     times = []
     for i in range(warmup + steps):

@@ -297,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or _row_name(args, kind)
     paths["markdown"].write_text(markdown_table([(name, metrics)], ks))
     print(markdown_table([(name, metrics)], ks), end="")
+    if "approx_check" in metrics:
+        check = metrics["approx_check"]
+        loss = ", ".join(f"{k} {v:+.4f}" for k, v in check["recall_loss"].items() if v is not None)
+        print(f"{args.index} index vs exact on {check['queries']} sampled queries: recall loss {loss}", flush=True)
     print(f"wrote {paths['json']} (+ {paths['embeddings'].name}, {paths['per_query_parquet'].name}, "
           f"{paths['per_query_csv'].name}, {paths['markdown'].name})", flush=True)
     return 0

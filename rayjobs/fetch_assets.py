@@ -89,6 +89,10 @@ def build_deepspeed_ops() -> None:
     TORCH_EXTENSIONS_DIR) rather than inside the first training run, where it looks like a hang."""
     from deepspeed.comm.torch import build_shm_op
 
+    from core.deepspeed_config import use_this_interpreters_build_tools
+
+    use_this_interpreters_build_tools()
+
     started = time.time()
     op = build_shm_op()  # None where the accelerator has no such op (GPUs use NCCL)
     print(f"DeepSpeed shm comm op: {'ready' if op is not None else 'not used on this accelerator'} "

@@ -304,7 +304,7 @@ def train_fn_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from core.deepspeed_config import load_deepspeed_config
+    from core.deepspeed_config import load_deepspeed_config, use_this_interpreters_build_tools
     from core.model.builders import build_model, count_parameters
     from core.step import forward_pair_batch
 
@@ -327,6 +327,7 @@ def train_fn_per_worker(config: dict) -> None:
         warmup_steps=int(t.warmup_ratio * total_steps), total_steps=total_steps, grad_clip=t.grad_clip,
         precision=t.precision, use_gpu=t.use_gpu,
     )
+    use_this_interpreters_build_tools()  # before DeepSpeed builds its shm op
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
     )

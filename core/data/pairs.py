@@ -79,7 +79,8 @@ def mine_pairs(events: pa.Table, *, lower: float = 0.0, upper: float = float("in
     np.not_equal(ub_k[1:], ub_k[:-1], out=ub_start[1:])
     u_k, b_k = _unpack(ub_k, nb, ub_ids)
     del ub_k
-    inv_n = 1.0 / np.bincount(u_k[ub_start], minlength=nu)  # 1 / N_u
+    with np.errstate(divide="ignore"):  # users with no kept event get inf, and are never looked up
+        inv_n = 1.0 / np.bincount(u_k[ub_start], minlength=nu)  # 1 / N_u
     del ub_start
 
     # Sum 1/N_u per (A, B): sort the distinct (A, B, u) keys, reduce each (A, B) run.

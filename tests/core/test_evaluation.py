@@ -81,6 +81,30 @@ def test_faiss_index_path_matches_exact_on_hand_made_case():
         approx, per_query = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 2, 4], index=kind)
         assert approx["all"] == exact["all"] and approx["short_query"] == exact["short_query"]
         assert per_query["rank"].max() <= 4
+        # the index's cost against exact is reported with the figures (here: none)
+        check = approx["approx_check"]
+        assert check["queries"] == exact["num_queries"] and check["exact"] == exact["all"]
+        assert check["recall_loss"] == {k: 0.0 for k in exact["all"]}
+    assert "approx_check" not in exact
+
+
+def test_approx_check_reports_what_a_coarse_index_loses():
+    """An IVF index probing 1 of 16 lists on unclustered data misses targets: the report's
+    recall_loss is exact minus approximate recall, on a sample of the queries."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    n = 600
+    emb = torch.tensor(rng.normal(size=(n, 16)), dtype=torch.float32)
+    pairs = pd.DataFrame({"query_id": np.arange(0, 200), "target_id": np.arange(200, 400),
+                          "short_query": False, "short_target": False})
+    ids = np.arange(n)
+    metrics, _ = evaluate_embeddings(ids, emb, build_protocol(pairs, pool="all", all_note_ids=ids), ks=[10, 100],
+                                     index="ivf", nlist=16, nprobe=1, exact_check_queries=150)
+    check = metrics["approx_check"]
+    assert check["queries"] == 150
+    for k in ("R@10", "R@100"):
+        assert check["recall_loss"][k] == pytest.approx(check["exact"][k] - check["approximate"][k])
+    assert check["recall_loss"]["R@100"] > 0.05, check
 
 
 def test_embeddings_are_normalised_and_order_free():
