@@ -131,13 +131,18 @@ def load_deepspeed_config(
 
 
 def use_this_interpreters_build_tools() -> None:
-    """Put this interpreter's bin directory first on PATH before DeepSpeed JIT-builds an op.
+    """Build DeepSpeed's JIT ops with this interpreter's tools, into this virtualenv's cache.
 
     DeepSpeed builds its C++ ops with the first `ninja` on PATH, and ninja rebuilds everything
     when another ninja version wrote the build log last (pip's 1.13 and Debian's 1.11 use
     different log formats): about a minute per switch on 2 cores. The virtualenv's bin directory
     holds pip's ninja; putting it first makes set-up, drivers and Ray workers agree however they
     were started (activated venv or not).
+
+    The compile command names the virtualenv's torch include paths, so two checkouts sharing
+    torch's default cache (~/.cache/torch_extensions) rebuild the op each time the other one used
+    it. Inside a virtualenv, and unless TORCH_EXTENSIONS_DIR is already set, ops are cached in
+    `<venv>/torch_extensions`: built once by set-up (`rayjobs.fetch_assets`), reused by every run.
     """
     import os
     import sys
@@ -146,3 +151,5 @@ def use_this_interpreters_build_tools() -> None:
     parts = os.environ.get("PATH", "").split(os.pathsep)
     if os.path.exists(os.path.join(bin_dir, "ninja")) and parts[:1] != [bin_dir]:
         os.environ["PATH"] = os.pathsep.join([bin_dir, *[q for q in parts if q != bin_dir]])
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")

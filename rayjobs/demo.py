@@ -1,17 +1,21 @@
 """The main job: reproduce the NoteLLM-2 story on real data, end to end, on an embedded Ray.
 
     python -m rayjobs.demo             # 17.8 min measured on 2 idle CPU cores (2026-11-22)
-    python -m rayjobs.demo --quick     # 1 sweep trial, 2 ablation variants, 8 steps each: 8.3 min measured
+    python -m rayjobs.demo --quick     # 1 sweep trial + basic MLRM (NoteLLM-2 is the trial), 8 steps: 4.5 min
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env cluster/runtime_env.yaml -- python -m rayjobs.demo --out /mnt/shared/demo
 
 Stages (each prints progress and an ETA):
   1. data      prepare the Tux Paint corpus (real photos/drawings + captions; simulated clicks)
-  2. baseline  evaluate the untrained NoteLLM-2 model (image / text / both)
-  3. sweep     a small Ray Tune + Optuna sweep over L, alpha and tau (search_spaces/demo.yaml)
-  4. ablation  the paper's ablation, one training run each: basic MLRM, + mICL, + late fusion,
-               NoteLLM-2 (both), only late fusion, text-only
-  5. evaluate  each ablation run with the modality ablation (image only, text only, both)
+  2. sweep     a small Ray Tune + Optuna sweep over L, alpha and tau (search_spaces/demo.yaml)
+  3. baseline  evaluate the untrained NoteLLM-2 model (image / text / both); not with --quick
+  4. ablation  the paper's ablation at the sweep's best trial (its config, written to
+               ablation_base.yaml, with one switch changed per run): basic MLRM, + mICL,
+               + late fusion, NoteLLM-2 (both), only late fusion, text-only. The variant equal
+               to the best trial (NoteLLM-2: the demo sweep keeps mICL + late fusion) is that
+               trial's run, not trained again.
+  5. evaluate  each ablation run with the modality ablation: image only and text only on its
+               export; `both` is the run's own final validation (same weights, same pairs)
   6. report    ablation.md / ablation.json and the leaderboard (csv, md, html) over everything
 
 Rerunning resumes: finished runs are kept (their final_metrics.json), an interrupted sweep is
@@ -28,10 +32,10 @@ from pathlib import Path
 
 import yaml
 
-from core.config import ConfigError, RunConfig, load_run_config
+from core.config import ConfigError, RunConfig, dump_run_config, load_run_config
+from search_spaces.schema import SweepError
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "rayjobs" / "configs" / "demo.yaml"
 DEMO_SPACE = ROOT / "search_spaces" / "demo.yaml"
 MODALITIES = ("both", "image", "text")
 
@@ -50,40 +54,62 @@ PAPER = {"basic": (74.02, 48.15), "micl": (75.82, 53.32), "late_fusion": (75.92,
 
 
 class Progress:
-    """One line per event: stage k/n, what runs, elapsed and a rough ETA from the plan's weights."""
+    """One line per event: stage k/n, what runs, elapsed and an ETA.
+
+    The plan's weights are minutes measured on 2 idle cores. Once a tenth of the plan is done,
+    the ETA scales what is left by this machine's pace so far; before that it is the plan's own.
+    """
 
     def __init__(self, plan: list[tuple[str, float]]):
-        self.plan = plan  # (stage, relative cost)
+        self.plan = plan  # (stage, minutes)
         self.total = sum(w for _, w in plan)
         self.done = 0.0
         self.started = time.time()
 
     def say(self, stage: str, what: str) -> None:
         idx = [s for s, _ in self.plan].index(stage) + 1
-        elapsed = time.time() - self.started
-        eta = f", ETA ~{elapsed * (self.total - self.done) / self.done / 60:.0f} min" if self.done > 0 else ""
-        print(f"[demo] stage {idx}/{len(self.plan)} {stage}: {what} (elapsed {elapsed / 60:.1f} min{eta})", flush=True)
+        elapsed = (time.time() - self.started) / 60
+        pace = elapsed / self.done if self.done >= 0.1 * self.total else 1.0
+        eta = max(self.total - self.done, 0.0) * pace
+        print(f"[demo] stage {idx}/{len(self.plan)} {stage}: {what} (elapsed {elapsed:.1f} min, "
+              f"ETA ~{eta:.1f} min)", flush=True)
 
-    def advance(self, weight: float) -> None:
-        self.done += weight
+    def advance(self, minutes: float) -> None:
+        self.done += minutes
+
+    def skip(self, minutes: float) -> None:
+        """Planned work that turned out not to be needed (a kept or reused run)."""
+        self.total -= minutes
 
 
-def variant_config(base_overrides: list[str], name: str, overrides: list[str], out: Path) -> RunConfig:
-    return load_run_config(DEMO_CONFIG, [*base_overrides, *overrides, f"train.name={name}",
-                                         f"train.storage_path={out / 'ablation'}"])
+def variant_config(config: str | Path, base_overrides: list[str], name: str, overrides: list[str], out: Path) -> RunConfig:
+    return load_run_config(config, [*base_overrides, *overrides, f"train.name={name}",
+                                    f"train.storage_path={out / 'ablation'}"])
 
 
-def evaluate_modalities(export: str, data_dir: str) -> dict:
-    """Recall per modality for one export, in-process (one model load for the three)."""
+def evaluate_modalities(final: dict, data_dir: str) -> dict:
+    """Recall per modality of one finished run: `both` is the run's own final validation (same
+    weights, same test pairs), `image` and `text` are measured on its export in-process."""
     import torch
 
     from core.checkpoint import load_export
     from core.evaluation import validation_recall
 
-    model, _, cfg = load_export(export)
+    model, _, cfg = load_export(final["export"])
     model.eval()
     with torch.no_grad():
-        return {m: validation_recall(model, data_dir, cfg, "cpu", modality=m) for m in _modalities(cfg)}
+        measured = {m: validation_recall(model, data_dir, cfg, "cpu", modality=m) for m in _modalities(cfg) if m != "both"}
+    return {"both": final_recall(final), **measured}
+
+
+def final_recall(final: dict) -> dict:
+    """final_metrics.json's flat `R@k` / `<subset>/R@k` keys in evaluate_embeddings' layout."""
+    by_subset = {}
+    for subset in ("all", "short_query", "short_target"):
+        prefix = "" if subset == "all" else f"{subset}/"
+        by_subset[subset] = {key[len(prefix):]: value for key, value in final.items()
+                             if key.startswith(prefix + "R@")} or None
+    return by_subset
 
 
 def _modalities(cfg: RunConfig) -> tuple[str, ...]:
@@ -114,6 +140,34 @@ def finished_run(cfg: RunConfig) -> dict | None:
     return final if final.get("config") == cfg.to_dict() and final.get("export") else None
 
 
+def best_trial(sweep: dict | None) -> dict | None:
+    """final_metrics.json of the sweep's best trial if it finished (ASHA-stopped trials write
+    none) and exported a model; None otherwise (remote storage included)."""
+    run_dir = ((sweep or {}).get("best") or {}).get("run_dir")
+    path = Path(run_dir) / "final_metrics.json" if run_dir and "://" not in str(run_dir) else None
+    if path is None or not path.exists():
+        return None
+    final = json.loads(path.read_text())
+    return final if final.get("export") and final.get("config") else None
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Two RunConfig dicts train the same model: equal apart from the run's name and storage."""
+    def strip(d: dict) -> dict:
+        return {**d, "train": {k: v for k, v in d["train"].items() if k not in ("name", "storage_path")}}
+
+    return strip(a) == strip(b)
+
+
+def _get(cfg: dict, dotted: str):
+    section, _, key = dotted.partition(".")
+    return cfg.get(section, {}).get(key)
+
+
+def _show(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def ablation_markdown(results: dict, ks: list[int]) -> str:
     """Rows = variant x modality, columns = R@K (all / short query / short target), plus the paper."""
     from core.metrics import format_recall
@@ -132,37 +186,38 @@ def ablation_markdown(results: dict, ks: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None) -> dict:
+def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, space: str | Path = DEMO_SPACE) -> dict:
+    """All stages (module docstring) into `out`; `space` is the sweep YAML, whose `base_config`
+    is also the ablation's run config."""
     from rayjobs.train import ensure_data, ensure_ray, resolve_paths, run_training
+    from search_spaces.schema import ParameterSpec, load_sweep
 
     out = out.resolve()
+    spec = load_sweep(space)
+    config = spec.base_config
+    corpus = load_run_config(config).data.corpus
     steps = steps or (8 if quick else None)
-    base = [f"data.path={out / 'data' / 'tuxpaint'}"] + ([f"train.max_steps={steps}", "train.checkpoint_every=0"] if steps else [])
+    base = [f"data.path={out / 'data' / corpus}"] + ([f"train.max_steps={steps}", "train.checkpoint_every=0"] if steps else [])
     variants = [v for v in VARIANTS if not quick or v[0] in QUICK_VARIANTS]
     trials = num_trials if num_trials is not None else (1 if quick else 3)
-    # relative stage costs, from a full run on 2 idle cores (minutes: data 0.1, baseline 0.4, a
-    # sweep trial or training run ~2, the three-modality evaluation of one run 0.3)
-    per_run = 2.0
-    plan = [("data", 0.1), ("baseline", 0.4), ("sweep", per_run * trials), ("ablation", per_run * len(variants)),
-            ("evaluate", 0.3 * len(variants)), ("report", 0.05)]
+    # minutes per stage on 2 idle cores (2026-11-30): data + Ray start 0.25, a sweep trial 1.9
+    # (a training run plus Tune's own start-up), the untrained baseline 0.7, a training run 1.5,
+    # the image + text evaluation of one run 0.45
+    per_trial, per_run, per_eval = 1.9, 1.5, 0.45
+    plan = [("data", 0.25), ("sweep", per_trial * trials), *([] if quick else [("baseline", 0.7)]),
+            ("ablation", per_run * len(variants)), ("evaluate", per_eval * len(variants)), ("report", 0.05)]
     progress = Progress(plan)
 
-    probe = resolve_paths(variant_config(base, "probe", [], out))
-    progress.say("data", f"Tux Paint corpus -> {probe.data.path}")
+    probe = resolve_paths(variant_config(config, base, "probe", [], out))
+    progress.say("data", f"{corpus} corpus -> {probe.data.path}")
     ensure_data(probe)
     ensure_ray()
-    progress.advance(0.1)
+    progress.advance(0.25)
 
-    progress.say("baseline", "untrained NoteLLM-2 (no training), 3 modalities")
-    untrained = evaluate_untrained(resolve_paths(variant_config(base, "untrained", VARIANTS[3][2], out)))
-    progress.advance(0.4)
-
-    sweep = None
+    sweep, best = None, None
     if trials > 0:
         from rayjobs.tune import run_sweep
-        from search_spaces.schema import ParameterSpec, load_sweep
 
-        spec = load_sweep(DEMO_SPACE)
         for item in base:  # the demo's data dir / step budget, pinned for every trial
             key, _, value = item.partition("=")
             spec.parameters[key] = ParameterSpec(key=key, type="fixed", value=yaml.safe_load(value))
@@ -170,34 +225,56 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None) 
         progress.say("sweep", f"{trials} Tune trial(s) over L, alpha, tau -> {sweep_dir}")
         sweep = run_sweep(spec, storage=str(out / "tune"), name="demo", num_samples=trials,
                           resume=sweep_dir.exists() and any(sweep_dir.iterdir()))
-        progress.advance(per_run * trials)
+        progress.advance(per_trial * trials)
+        best = best_trial(sweep)
+        if best is not None:
+            # the ablation runs at the tuned point: the best trial's whole config, one switch changed
+            config = out / "ablation_base.yaml"
+            dump_run_config(RunConfig.from_dict(best["config"]), config)
+            swept = ", ".join(f"{k}={_show(_get(best['config'], k))}" for k, p in spec.parameters.items() if p.type != "fixed")
+            print(f"[demo] ablation base = the sweep's best trial {Path(best['run_dir']).name} ({swept}): {config}", flush=True)
+
+    evaluated = []
+    if not quick:
+        progress.say("baseline", "untrained NoteLLM-2 (no training), 3 modalities")
+        untrained = evaluate_untrained(resolve_paths(variant_config(config, base, "untrained", VARIANTS[3][2], out)))
+        evaluated.append(("untrained", "untrained NoteLLM-2", untrained))
+        progress.advance(0.7)
 
     results = []
     for i, (name, label, overrides) in enumerate(variants, 1):
-        cfg = resolve_paths(variant_config(base, name, overrides, out))
+        cfg = resolve_paths(variant_config(config, base, name, overrides, out))
         final = finished_run(cfg)
-        if final is None:
+        if final is None and best is not None and same_run(best["config"], cfg.to_dict()):
+            progress.skip(per_run)
+            progress.say("ablation", f"run {i}/{len(variants)}: {label} is the sweep's best trial, not trained again")
+            final = best
+        elif final is None:
             progress.say("ablation", f"run {i}/{len(variants)}: {label} ({', '.join(overrides)})")
             final = run_training(cfg)
+            progress.advance(per_run)
         else:
+            progress.skip(per_run)
             progress.say("ablation", f"run {i}/{len(variants)}: {label} already finished, kept")
-        progress.advance(per_run)
         results.append((name, label, final))
 
-    evaluated = [("untrained", "untrained NoteLLM-2", untrained)]
+    run_dirs = {}
     for i, (name, label, final) in enumerate(results, 1):
-        progress.say("evaluate", f"{i}/{len(results)}: {label}, modalities {', '.join(_modalities(RunConfig.from_dict(final['config'])))}")
-        evaluated.append((name, label, evaluate_modalities(final["export"], probe.data.path)))
-        progress.advance(0.3)
+        others = [m for m in _modalities(RunConfig.from_dict(final["config"])) if m != "both"]
+        progress.say("evaluate", f"{i}/{len(results)}: {label}, modalities {', '.join(others)} (both: the run's own validation)")
+        evaluated.append((name, label, evaluate_modalities(final, probe.data.path)))
+        run_dirs[name] = final.get("run_dir")
+        progress.advance(per_eval)
 
     progress.say("report", "ablation table and leaderboard")
     ks = probe.eval.ks
     table = ablation_markdown(evaluated, ks)
     (out / "ablation.md").write_text(
-        f"Ablation on the Tux Paint demo corpus ({'quick' if quick else 'full'} demo; recall in %, "
+        f"Ablation on the {corpus} demo corpus ({'quick' if quick else 'full'} demo; recall in %, "
         f"pool = test notes minus queries).\n\n{table}")
     (out / "ablation.json").write_text(json.dumps(
-        {name: {"label": label, "metrics": m} for name, label, m in evaluated}, indent=2, default=str))
+        {name: {"label": label, "run_dir": run_dirs.get(name), "metrics": m} for name, label, m in evaluated},
+        indent=2, default=str))
     from rayjobs.leaderboard import write_leaderboard
 
     board = write_leaderboard(out, out_dir=out, metric=probe.eval.metric, mode="max")
@@ -211,16 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rayjobs.demo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--out", default="runs/demo", help="where data, runs, sweep and reports go (default runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="1 trial, 2 variants, 8 steps each (8.3 min measured on 2 cores; the 5 min target is missed)")
+    parser.add_argument("--quick", action="store_true", help="1 sweep trial and the basic-MLRM run beside it (NoteLLM-2 is the trial), 8 steps each, no "
+                             "untrained baseline: 4.5 min measured on 2 idle cores")
     parser.add_argument("--trials", type=int, default=None, help="sweep trials (default 3; --quick 1; 0 skips)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: demo.yaml's)")
+    parser.add_argument("--space", default=DEMO_SPACE, type=Path,
+                        help="sweep YAML; its base_config is also the ablation runs' config (default "
+                             "search_spaces/demo.yaml; search_spaces/smoke.yaml runs every stage on tiny models in minutes)")
     args = parser.parse_args(argv)
     if args.trials is not None and args.trials < 0 or args.steps is not None and args.steps < 1:
         print("error: --trials must be >= 0 and --steps >= 1", file=sys.stderr)
         return 2
     try:
-        run_demo(Path(args.out), args.quick, args.trials, args.steps)
-    except ConfigError as err:
+        run_demo(Path(args.out), args.quick, args.trials, args.steps, space=args.space)
+    except (ConfigError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -111,12 +111,9 @@ def init_ray(num_cpus: int | None):
     """Connect to the cluster in RAY_ADDRESS, else start a local Ray; reuse one already running."""
     import ray
 
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+    from rayjobs.train import ensure_ray
+
+    ensure_ray(num_cpus)
     return ray
 
 

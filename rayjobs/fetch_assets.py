@@ -86,7 +86,7 @@ def convert_llm() -> None:
 
 def build_deepspeed_ops() -> None:
     """Compile DeepSpeed's shared-memory collective op now (55-60 s measured on 2 cores, cached in
-    TORCH_EXTENSIONS_DIR) rather than inside the first training run, where it looks like a hang."""
+    the virtualenv's torch_extensions/ or TORCH_EXTENSIONS_DIR) rather than inside the first training run, where it looks like a hang."""
     from deepspeed.comm.torch import build_shm_op
 
     from core.deepspeed_config import use_this_interpreters_build_tools

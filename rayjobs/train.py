@@ -26,6 +26,7 @@ from pathlib import Path
 from core.config import ConfigError, RunConfig, load_run_config
 
 EXIT_USAGE = 2
+LOCAL_ENV = Path(__file__).resolve().parents[1] / "cluster" / "local_env.yaml"
 
 
 def storage_uri(path: str) -> str:
@@ -59,6 +60,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     preprocessing actors and Ray Data's read/join tasks each hold slots, and with only as many
     slots as cores the read tasks starve and the input pipeline stalls. Torch threads per worker
     follow `train.cpus_per_worker` (Ray sets OMP_NUM_THREADS from it).
+
+    The embedded Ray starts with the dashboard (Ray Train's placement-group cleaner asks its
+    state API about the controller every second and logs a warning each time it cannot) and with
+    the environment defaults of cluster/local_env.yaml, which its workers inherit.
     """
     import ray
 
@@ -67,8 +72,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    import yaml
+
+    for key, value in (yaml.safe_load(LOCAL_ENV.read_text()).get("env_vars") or {}).items():
+        os.environ.setdefault(key, str(value))
     cpus = num_cpus or max(8, 4 * (os.cpu_count() or 1))
-    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    ctx = ray.init(num_cpus=cpus, include_dashboard=True, configure_logging=False)
+    print(f"[ray] embedded local Ray: {cpus} logical CPUs on {os.cpu_count()} cores, "
+          f"dashboard http://{ctx.dashboard_url}", flush=True)
 
 
 def ensure_data(cfg: RunConfig) -> None:
@@ -86,6 +97,13 @@ def ensure_data(cfg: RunConfig) -> None:
     print(f"[train] no prepared data in {cfg.data.path}; preparing corpus '{cfg.data.corpus}'", flush=True)
     prepare(cfg.data.corpus, cfg.data.path, num_notes=cfg.data.num_notes, seed=cfg.data.seed,
             short_text_chars=cfg.data.short_text_chars)
+
+
+def pairs_needed(cfg: RunConfig) -> int | None:
+    """Training pairs a run can consume when `train.max_steps` caps it (every worker drops its
+    last partial batch), or None for whole epochs."""
+    t = cfg.train
+    return t.max_steps * t.batch_size * max(t.num_workers, 1) if t.max_steps else None
 
 
 def build_trainer(cfg: RunConfig):
@@ -112,7 +130,7 @@ def build_trainer(cfg: RunConfig):
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        datasets={"train": pair_dataset(cfg.data.path, "train", cfg)},
+        datasets={"train": pair_dataset(cfg.data.path, "train", cfg, max_pairs=pairs_needed(cfg))},
     )
 
 

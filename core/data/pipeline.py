@@ -174,7 +174,7 @@ def note_dataset(data_dir, run_cfg, note_ids=None, batch_size: int = 64):
     )
 
 
-def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64):
+def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64, max_pairs: int | None = None):
     """Pairs of `split` joined with both notes and preprocessed (layout: module docstring).
 
     Args:
@@ -182,6 +182,9 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64):
         split: `train` or `test`.
         run_cfg: `RunConfig`.
         batch_size: pairs per preprocessing call.
+        max_pairs: keep only the first N pairs, before any preprocessing. A run capped by
+            `train.max_steps` below one epoch needs no more, and Ray Data's streaming executor
+            would otherwise decode every image of the file ahead of the trainer, on the same CPUs.
     """
     import ray.data
 
@@ -191,6 +194,8 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64):
     cols = _note_columns(run_cfg.model)
     _progress_bars_only_on_a_terminal()
     pairs = ray.data.read_parquet(pairs_path, columns=["query_id", "target_id"])
+    if max_pairs is not None:
+        pairs = pairs.limit(int(max_pairs))
     notes_path = data_path(data_dir, NOTES_FILE)
     if pair_join_mode(notes_path, run_cfg.data.pair_join) == "broadcast":
         return pairs.map_batches(

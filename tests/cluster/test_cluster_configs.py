@@ -351,3 +351,43 @@ def test_rayjob_sweep_specifics():
     assert spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["restartPolicy"] == "Never"
     assert json.loads(spec["entrypointResources"]) == {"driver": 1}
     yaml.safe_load(spec["runtimeEnvYAML"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded local Ray and DeepSpeed's op cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_local_env_defaults_reach_the_embedded_rays_workers():
+    """cluster/local_env.yaml's variables reach the embedded Ray's workers (where Ray Train and
+    Ray Data read them); one already set in the shell wins."""
+    local = yaml.safe_load((CLUSTER / "local_env.yaml").read_text())["env_vars"]
+    assert local and all(isinstance(v, str) for v in local.values())
+    keys = sorted(local)
+    code = ("import json, os, ray\nfrom rayjobs.train import ensure_ray\nensure_ray(2)\n"
+            f"print(json.dumps(ray.get(ray.remote(lambda: {{k: os.environ.get(k) for k in {keys!r}}}).remote())))")
+    env = {k: v for k, v in os.environ.items() if k not in local and k != "RAY_ADDRESS"}
+    env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "3"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {**local, "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "3"}
+    assert "[ray] embedded local Ray: 2 logical CPUs" in proc.stdout
+
+
+def test_deepspeed_ops_are_cached_per_virtualenv(monkeypatch, tmp_path):
+    from core.deepspeed_config import use_this_interpreters_build_tools
+
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "python"))
+    use_this_interpreters_build_tools()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "venv" / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    use_this_interpreters_build_tools()  # the user's choice wins
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)  # no virtualenv: torch's own default
+    use_this_interpreters_build_tools()
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ

@@ -34,6 +34,28 @@ def history(final: dict) -> list[dict]:
     return state["history"]
 
 
+def test_train_cli_runs_and_prints_each_worker_line_once(tmp_path, smoke_data):
+    """`python -m rayjobs.train` end to end on its own embedded Ray, as a user runs it. Ray Train
+    2.60 would print every worker line twice, and its placement-group cleaner would warn every
+    second without the dashboard's state API; the driver's output carries neither."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PRINT_PATCH")}
+    sets = [f"data.path={smoke_data}", f"train.storage_path={tmp_path / 'runs'}", "train.name=cli",
+            "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=0"]
+    proc = subprocess.run([sys.executable, "-m", "rayjobs.train", "--config", str(SMOKE),
+                           *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, cwd=SMOKE.parents[2], env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    steps = [line.split("[train] ", 1)[1].split(" loss")[0] for line in out.splitlines() if "[train] step " in line]
+    assert steps == [f"step {i}/4" for i in range(1, 5)], steps
+    assert sum("[train] cli: 2 worker(s)" in line for line in out.splitlines()) == 1
+    assert "Failed to query Ray Train Controller" not in out
+    final = json.loads((tmp_path / "runs" / "cli" / "final_metrics.json").read_text())
+    assert final["steps"] == 4 and final["export"]
+
+
 def test_local_mode_worker_function_runs_twice_in_one_process(ray_local, tmp_path, smoke_data):
     """Ray Train local mode (num_workers=0) runs train_fn_per_worker in-process; a second run in
     the same process must not trip over the first run's (destroyed) DeepSpeed process groups."""
