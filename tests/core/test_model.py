@@ -377,6 +377,32 @@ def test_mobilenet_v2_layout_and_shapes():
     torch.testing.assert_close(cls, patches.mean(dim=1))
 
 
+def test_mobilenet_v2_folded_batchnorm_matches_the_plain_modules_and_follows_new_weights():
+    """The encoder runs a BN-folded channels-last copy of its layers; it must give the plain
+    modules' features, keep the pretrained state-dict layout and refold after a weight load."""
+    torch.manual_seed(0)
+    enc = MobileNetV2Encoder(64)
+    with torch.no_grad():  # non-trivial BN statistics, as pretrained weights have
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    pixels = enc.preprocess(torch.rand(3, 3, 64, 64))
+    with torch.no_grad():
+        plain = enc.features(pixels).flatten(2).transpose(1, 2)
+        patches, _ = enc.encode(pixels)
+    torch.testing.assert_close(patches, plain, rtol=1e-4, atol=1e-4)
+    assert len(enc.state_dict()) == 312 and not any("_folded" in k for k in enc.state_dict())
+
+    other = MobileNetV2Encoder(64)  # different random weights
+    enc.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode(pixels)[0], other.features(pixels).flatten(2).transpose(1, 2),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def _tiny_hf_configs():
     from transformers import CLIPVisionConfig, SiglipVisionConfig, ViTConfig
 
