@@ -1,6 +1,6 @@
 """The main job: reproduce the NoteLLM-2 story on real data, end to end, on an embedded Ray.
 
-    python -m rayjobs.demo             # 17.8 min measured on 2 idle CPU cores (2026-11-22)
+    python -m rayjobs.demo             # 23.6 min measured on 2 idle CPU cores (2026-11-30)
     python -m rayjobs.demo --quick     # 1 sweep trial + basic MLRM (NoteLLM-2 is the trial), 8 steps: 4.5 min
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env cluster/runtime_env.yaml -- python -m rayjobs.demo --out /mnt/shared/demo
