@@ -19,7 +19,8 @@ Stages (each prints progress and an ETA):
   6. report    ablation.md / ablation.json and the leaderboard (csv, md, html) over everything
 
 Rerunning resumes: finished runs are kept (their final_metrics.json), an interrupted sweep is
-resumed, an interrupted run continues from its last checkpoint.
+resumed, an interrupted run continues from its last checkpoint. --quick writes to
+runs/demo-quick; a sweep directory is only resumed with the settings it was run with.
 """
 
 from __future__ import annotations
@@ -140,6 +141,20 @@ def finished_run(cfg: RunConfig) -> dict | None:
     return final if final.get("config") == cfg.to_dict() and final.get("export") else None
 
 
+def check_resumable(sweep_dir: Path, spec) -> None:
+    """A sweep directory is resumed only with the same parameters (fixed ones included: data
+    path, step budget): Tune restores the old sweep whatever this invocation asks for."""
+    saved_file = sweep_dir / "sweep.json"
+    if not saved_file.exists():
+        return
+    saved = json.loads(saved_file.read_text()).get("parameters")
+    current = json.loads(json.dumps(spec.to_dict()["parameters"], default=str))
+    if saved is not None and saved != current:
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise ConfigError(f"{sweep_dir} holds a sweep run with other settings ({', '.join(changed)}); "
+                          "use another --out (or delete that directory) for this one")
+
+
 def best_trial(sweep: dict | None) -> dict | None:
     """final_metrics.json of the sweep's best trial if it finished (ASHA-stopped trials write
     none) and exported a model; None otherwise (remote storage included)."""
@@ -196,8 +211,11 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
     spec = load_sweep(space)
     config = spec.base_config
     corpus = load_run_config(config).data.corpus
-    steps = steps or (8 if quick else None)
-    base = [f"data.path={out / 'data' / corpus}"] + ([f"train.max_steps={steps}", "train.checkpoint_every=0"] if steps else [])
+    base_cfg = load_run_config(config)
+    steps = steps or (8 if quick else base_cfg.train.max_steps)
+    # the step budget is pinned for the sweep and every ablation run alike
+    base = [f"data.path={out / 'data' / corpus}", *([f"train.max_steps={steps}"] if steps else []),
+            f"train.checkpoint_every={0 if quick else base_cfg.train.checkpoint_every}"]
     variants = [v for v in VARIANTS if not quick or v[0] in QUICK_VARIANTS]
     trials = num_trials if num_trials is not None else (1 if quick else 3)
     # minutes per stage on 2 idle cores (2026-11-30): data + Ray start 0.25, a sweep trial 1.9
@@ -222,6 +240,7 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
             key, _, value = item.partition("=")
             spec.parameters[key] = ParameterSpec(key=key, type="fixed", value=yaml.safe_load(value))
         sweep_dir = out / "tune" / "demo"
+        check_resumable(sweep_dir, spec)
         progress.say("sweep", f"{trials} Tune trial(s) over L, alpha, tau -> {sweep_dir}")
         sweep = run_sweep(spec, storage=str(out / "tune"), name="demo", num_samples=trials,
                           resume=sweep_dir.exists() and any(sweep_dir.iterdir()))
@@ -233,6 +252,9 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
             dump_run_config(RunConfig.from_dict(best["config"]), config)
             swept = ", ".join(f"{k}={_show(_get(best['config'], k))}" for k, p in spec.parameters.items() if p.type != "fixed")
             print(f"[demo] ablation base = the sweep's best trial {Path(best['run_dir']).name} ({swept}): {config}", flush=True)
+        else:
+            print(f"[demo] the sweep's best trial left no final_metrics.json with an export (stopped early, or "
+                  f"storage this driver cannot read): the ablation runs on {config}", flush=True)
 
     evaluated = []
     if not quick:
@@ -287,7 +309,8 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rayjobs.demo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--out", default="runs/demo", help="where data, runs, sweep and reports go (default runs/demo)")
+    parser.add_argument("--out", default=None, help="where data, runs, sweep and reports go (default runs/demo; "
+                                                    "--quick: runs/demo-quick)")
     parser.add_argument("--quick", action="store_true", help="1 sweep trial and the basic-MLRM run beside it (NoteLLM-2 is the trial), 8 steps each, no "
                              "untrained baseline: 4.5 min measured on 2 idle cores")
     parser.add_argument("--trials", type=int, default=None, help="sweep trials (default 3; --quick 1; 0 skips)")
@@ -300,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --trials must be >= 0 and --steps >= 1", file=sys.stderr)
         return 2
     try:
-        run_demo(Path(args.out), args.quick, args.trials, args.steps, space=args.space)
+        out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+        run_demo(out, args.quick, args.trials, args.steps, space=args.space)
     except (ConfigError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -74,7 +74,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     import yaml
 
-    for key, value in (yaml.safe_load(LOCAL_ENV.read_text()).get("env_vars") or {}).items():
+    defaults = yaml.safe_load(LOCAL_ENV.read_text()).get("env_vars") or {} if LOCAL_ENV.exists() else {}
+    for key, value in defaults.items():
         os.environ.setdefault(key, str(value))
     cpus = num_cpus or max(8, 4 * (os.cpu_count() or 1))
     ctx = ray.init(num_cpus=cpus, include_dashboard=True, configure_logging=False)
@@ -100,10 +101,14 @@ def ensure_data(cfg: RunConfig) -> None:
 
 
 def pairs_needed(cfg: RunConfig) -> int | None:
-    """Training pairs a run can consume when `train.max_steps` caps it (every worker drops its
-    last partial batch), or None for whole epochs."""
+    """Training pairs a run capped by `train.max_steps` can consume (every worker drops its last
+    partial batch), plus slack for batches skipped as non-finite (`nan_policy=skip`); None for
+    whole epochs."""
     t = cfg.train
-    return t.max_steps * t.batch_size * max(t.num_workers, 1) if t.max_steps else None
+    if not t.max_steps:
+        return None
+    batches = t.max_steps + max(2, t.max_steps // 10)
+    return batches * t.batch_size * max(t.num_workers, 1)
 
 
 def build_trainer(cfg: RunConfig):

@@ -204,6 +204,25 @@ CHECKPOINT_SAFE_GLOBALS = (
 )
 
 
+def _trained_config(cfg: RunConfig) -> dict:
+    """What a checkpoint's weights depend on: the model and loss sections of the run config."""
+    d = cfg.to_dict()
+    return {"model": d["model"], "loss": d["loss"]}
+
+
+def _config_change(saved: dict | None, current: dict) -> str | None:
+    """`section.key=<saved> (this run: <current>)` for the first difference, None when equal or
+    when the checkpoint predates `trained_config`."""
+    if not saved:
+        return None
+    for section, fields in current.items():
+        for key, value in fields.items():
+            old = (saved.get(section) or {}).get(key)
+            if old != value:
+                return f"{section}.{key}={old!r} (this run: {value!r})"
+    return None
+
+
 def _load_weights_only(engine) -> None:
     """Make the engine read checkpoints with `torch.load(weights_only=True)`.
 
@@ -349,6 +368,11 @@ def train_fn_per_worker(config: dict) -> None:
             if problem:
                 raise RuntimeError(f"checkpoint {ckpt_dir} is incomplete: {problem}")
             state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+            changed = _config_change(state.get("trained_config"), _trained_config(cfg))
+            if changed:
+                raise RuntimeError(
+                    f"checkpoint {Path(str(checkpoint.path)).name} was trained with {changed}: resuming continues "
+                    f"the same model only; use a new train.name or delete {Path(t.storage_path) / t.name}")
             if state.get("world_size") != world:
                 raise RuntimeError(
                     f"checkpoint was written by {state.get('world_size')} workers but this run has {world}; "
@@ -381,7 +405,7 @@ def train_fn_per_worker(config: dict) -> None:
     def report(metrics: dict, save: bool, final: bool = False) -> None:
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "world_size": world,
                  "history": history[-2000:], "skipped_nonfinite": skipped_nonfinite, "resumes": resumes,
-                 "trainable_checksum": _trainable_checksum(engine)}
+                 "trainable_checksum": _trainable_checksum(engine), "trained_config": _trained_config(cfg)}
         if save:
             tmp = _save_checkpoint(engine, state, cfg, rank, final, tokenizer)
             if t.num_workers == 0:  # local mode: Ray keeps the dir where it is, so put it in the run dir
