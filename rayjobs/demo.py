@@ -141,20 +141,6 @@ def finished_run(cfg: RunConfig) -> dict | None:
     return final if final.get("config") == cfg.to_dict() and final.get("export") else None
 
 
-def check_resumable(sweep_dir: Path, spec) -> None:
-    """A sweep directory is resumed only with the same parameters (fixed ones included: data
-    path, step budget): Tune restores the old sweep whatever this invocation asks for."""
-    saved_file = sweep_dir / "sweep.json"
-    if not saved_file.exists():
-        return
-    saved = json.loads(saved_file.read_text()).get("parameters")
-    current = json.loads(json.dumps(spec.to_dict()["parameters"], default=str))
-    if saved is not None and saved != current:
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        raise ConfigError(f"{sweep_dir} holds a sweep run with other settings ({', '.join(changed)}); "
-                          "use another --out (or delete that directory) for this one")
-
-
 def best_trial(sweep: dict | None) -> dict | None:
     """final_metrics.json of the sweep's best trial if it finished (ASHA-stopped trials write
     none) and exported a model; None otherwise (remote storage included)."""
@@ -210,8 +196,8 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
     out = out.resolve()
     spec = load_sweep(space)
     config = spec.base_config
-    corpus = load_run_config(config).data.corpus
     base_cfg = load_run_config(config)
+    corpus = base_cfg.data.corpus
     steps = steps or (8 if quick else base_cfg.train.max_steps)
     # the step budget is pinned for the sweep and every ablation run alike
     base = [f"data.path={out / 'data' / corpus}", *([f"train.max_steps={steps}"] if steps else []),
@@ -240,7 +226,6 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
             key, _, value = item.partition("=")
             spec.parameters[key] = ParameterSpec(key=key, type="fixed", value=yaml.safe_load(value))
         sweep_dir = out / "tune" / "demo"
-        check_resumable(sweep_dir, spec)
         progress.say("sweep", f"{trials} Tune trial(s) over L, alpha, tau -> {sweep_dir}")
         sweep = run_sweep(spec, storage=str(out / "tune"), name="demo", num_samples=trials,
                           resume=sweep_dir.exists() and any(sweep_dir.iterdir()))

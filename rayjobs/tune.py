@@ -242,6 +242,20 @@ def sweep_paths(storage: str, name: str) -> tuple[str, str]:
     return root, (f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name))
 
 
+def check_same_parameters(sweep_dir: Path, spec: SweepSpec) -> None:
+    """Tune restores a sweep as it was started, whatever the resuming invocation asks for: refuse
+    to resume when the parameters (fixed ones included: data path, step budget) have changed."""
+    saved_file = sweep_dir / SPEC_FILE
+    if not saved_file.exists():
+        return
+    saved = json.loads(saved_file.read_text()).get("parameters")
+    current = json.loads(json.dumps(spec.to_dict()["parameters"], default=str))
+    if saved is not None and saved != current:
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise ConfigError(f"{sweep_dir} holds a sweep run with other parameters ({', '.join(changed)}); "
+                          "resume it with those, or start a new one (--name NAME, or another directory)")
+
+
 def run_sweep(spec: SweepSpec, *, storage: str | None = None, name: str | None = None,
               num_samples: int | None = None, resume: bool = False, study_url: str | None = None,
               num_cpus: int | None = None) -> dict:
@@ -264,6 +278,8 @@ def run_sweep(spec: SweepSpec, *, storage: str | None = None, name: str | None =
     if not resume and exists:
         raise ConfigError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, "
                           "or --name NAME for a new one")
+    if resume and local:
+        check_same_parameters(Path(sweep_dir), spec)
     runs_dir = f"{sweep_dir}/{RUNS_DIR}"
     if local:
         Path(runs_dir).mkdir(parents=True, exist_ok=True)

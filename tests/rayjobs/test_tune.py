@@ -215,3 +215,15 @@ def test_smoke_sweep_killed_then_resumed_finishes_without_rerunning_trials(tmp_p
     status = _trial_status(sweep_dir)
     assert len(status) == 3 and set(status.values()) == {"TERMINATED"}, (status, proc.stdout[-5000:])
     _check_finished_sweep(sweep_dir)
+
+
+def test_a_sweep_is_resumed_only_with_its_own_parameters(tmp_path: Path):
+    from core.config import ConfigError
+    from search_spaces.schema import ParameterSpec
+
+    spec = load_sweep(SMOKE)
+    (tmp_path / tune.SPEC_FILE).write_text(json.dumps(spec.to_dict(), default=str))
+    tune.check_same_parameters(tmp_path, spec)  # unchanged: resumable
+    spec.parameters["train.max_steps"] = ParameterSpec(key="train.max_steps", type="fixed", value=8)
+    with pytest.raises(ConfigError, match=r"other parameters \(train\.max_steps\)"):
+        tune.check_same_parameters(tmp_path, spec)
