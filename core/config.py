@@ -31,6 +31,10 @@ DTYPES = ("float32", "bfloat16")
 ZERO_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 NAN_POLICIES = ("skip", "stop")
 MODALITIES = ("both", "image", "text")
+EVAL_POOLS = ("catalog", "official", "targets")
+"""Candidate pools of the evaluation protocol (`core.evaluation.build_protocol`)."""
+TIE_POLICIES = ("expected", "pessimistic", "optimistic")
+"""How Recall@K counts candidates tied with the target (`core.metrics.query_hits`)."""
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]*")
 
 
@@ -323,6 +327,10 @@ class EvalConfig:
     """Candidates scored per chunk in exact recall (bounds memory)."""
     every_epoch: bool = True
     """Run validation recall at the end of every epoch (always at the end of training)."""
+    pool: str = "catalog"
+    """Candidate pool: `catalog` (every note minus the queries), `official` (the held-out split's notes minus the queries) or `targets` (reduced: the pairs' targets)."""
+    ties: str = "expected"
+    """Tied scores in Recall@K: `expected` (uniform random tie-breaking, exact), `pessimistic` or `optimistic`."""
 
     def __post_init__(self) -> None:
         s = "eval"
@@ -333,6 +341,8 @@ class EvalConfig:
             _fail(s, "metric", self.metric, "'R@<k>', 'short_query/R@<k>' or 'short_target/R@<k>'")
         _check_range(s, "batch_size", self.batch_size, lo=1)
         _check_range(s, "chunk_size", self.chunk_size, lo=1)
+        _check_choice(s, "pool", self.pool, EVAL_POOLS)
+        _check_choice(s, "ties", self.ties, TIE_POLICIES)
         _check_types(self, s)
 
 

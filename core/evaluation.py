@@ -1,43 +1,67 @@
-"""The I2I evaluation protocol (REFERENCE §7): pool, subsets, Recall@K, modality ablation, tables.
+"""The I2I evaluation protocol (REFERENCE §7): pools, subsets, Recall@K with ties and intervals.
 
-Protocol (official): the test pairs are already greedily deduplicated so each note appears once.
-Queries are the pairs' query notes, targets their target notes, and the candidate pool is every
-test note minus the query notes; each query ranks the pool by the dot product of L2-normalised
-embeddings. Recall@K is reported for three subsets: all pairs, pairs with a short query, pairs
-with a short target (`short_*` flags in pairs_test.parquet, threshold `data.short_text_chars`).
+Queries are the held-out pairs' query notes (pairs_val.parquet while training and choosing,
+pairs_test.parquet once, for the final numbers), targets their target notes. Each subset (all
+pairs, short query, short target; `short_*` flags, threshold `data.short_text_chars`) is
+deduplicated greedily on its own (each note once) and gets its own candidate pool:
 
-    protocol = build_protocol(pairs_df)                         # pool = test notes - queries
-    metrics, per_query = evaluate_embeddings(ids, emb, protocol, ks=[100, 1000])
-    # {"all": {"R@100": 0.75, "R@1000": None}, "short_query": {...}, "short_target": {...},
-    #  "num_queries": 812, "num": {"all": 812, "short_query": 97, ...}, "pool_size": 812}
+- `catalog` (default): every note of the corpus minus that subset's queries (what production ranks);
+- `official`: the held-out split's notes (its queries and all their targets) minus that subset's queries;
+- `targets`: the targets of the deduplicated pairs — a *reduced* pool, labelled as such.
 
-The training loop calls `validation_recall(model, data_dir, run_cfg, device)`, which preprocesses
-and embeds in-process (no Ray); `rayjobs.evaluate` embeds with Ray Data actors. Both go through
-`embed_batch`, so the two paths give the same embeddings.
+Each query ranks its pool by the dot product of L2-normalised embeddings; ties follow
+`core.metrics` (`expected` by default). Every recall carries a 95 % bootstrap interval over queries.
+
+    protocol = build_protocol(pairs_df, pool="catalog", all_note_ids=ids)
+    metrics, per_query = evaluate_embeddings(ids, emb, protocol, ks=[10, 100])
+    # {"all": {"R@10": 0.31, ..}, "short_query": {..}, "short_target": {..},
+    #  "ci95": {"all": {"R@10": [0.27, 0.35]}, ..}, "pool": "catalog", "pool_size": 700,
+    #  "pool_sizes": {"all": 700, ..}, "ties": "expected", "tied_fraction": 0.0, "num_queries": 120, ..}
+    diff = paired_difference(per_query_a, per_query_b, ks=[10])   # {"all": {"R@10": {"mean", "ci95"}}}
+
+The training loop calls `validation_recall(model, data_dir, run_cfg, device)` (split `val`),
+which preprocesses and embeds in-process (no Ray); `rayjobs.evaluate` embeds with Ray Data
+actors. Both go through `embed_batch`, so the two paths give the same embeddings.
 
 Modality ablation (paper Table 2), applied to preprocessed batches by `apply_modality`:
 `image` blanks the note text (title, topics and content empty; the prompt template stays),
-`text` removes the image (has_image False, zero pixels), `both` leaves the note alone.
+`text` replaces the image by a blank one that still goes through encoder, connector and gate
+(as the official code does, so a fused model sees the input kind it was trained on), `both`
+leaves the note alone.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from core.config import EVAL_POOLS as POOLS
 from core.config import MODALITIES
-from core.metrics import approximate_target_ranks, format_recall, recall_report, target_ranks
+from core.data.split import dedupe_test_pairs
+from core.metrics import (
+    SUBSETS,
+    approximate_target_ranks,
+    flatten_recall,
+    format_recall_ci,
+    paired_recall_ci,
+    query_hits,
+    recall_ci,
+    recall_report,
+    target_rank_counts,
+)
 
 log = logging.getLogger(__name__)
 
-SUBSETS = ("all", "short_query", "short_target")
-POOLS = ("test", "all")
 EMBEDDINGS = ("multimodal", "visual", "image-features")
+TIED_WARN_FRACTION = 0.01
+"""Evaluation warns when more than this fraction of targets tie with some candidate."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,77 +70,119 @@ EMBEDDINGS = ("multimodal", "visual", "image-features")
 
 
 @dataclass
-class Protocol:
-    """Queries, their targets and subset flags (aligned arrays [Q]) plus the candidate pool [P]."""
+class SubsetProtocol:
+    """One subset's deduplicated queries and targets (aligned [Q]) and its candidate pool [P]."""
 
     query_ids: np.ndarray
     target_ids: np.ndarray
-    short_query: np.ndarray
-    short_target: np.ndarray
     pool_ids: np.ndarray
-    dropped_pairs: int = 0
-    """Pairs removed because their target was itself a query (impossible after greedy dedupe)."""
 
     @property
     def num_queries(self) -> int:
         return int(len(self.query_ids))
 
+
+@dataclass
+class Protocol:
+    """Per-subset queries, targets and pools under one pool policy (`POOLS`)."""
+
+    pool: str
+    subsets: dict[str, SubsetProtocol] = field(default_factory=dict)
+    dropped_pairs: int = 0
+    """Pairs removed because their target was itself a query of the subset (none after dedupe)."""
+
+    @property
+    def num_queries(self) -> int:
+        return self.subsets["all"].num_queries
+
+    @property
+    def query_ids(self) -> np.ndarray:
+        return self.subsets["all"].query_ids
+
+    @property
+    def target_ids(self) -> np.ndarray:
+        return self.subsets["all"].target_ids
+
+    @property
+    def pool_ids(self) -> np.ndarray:
+        return self.subsets["all"].pool_ids
+
     def needed_ids(self) -> np.ndarray:
-        """Every note that must be embedded: queries and the pool, sorted, unique."""
-        return np.union1d(self.query_ids, self.pool_ids).astype(np.int64)
-
-    def subset_mask(self, subset: str) -> np.ndarray:
-        if subset == "all":
-            return np.ones(self.num_queries, dtype=bool)
-        if subset in ("short_query", "short_target"):
-            return getattr(self, subset).astype(bool)
-        raise ValueError(f"subset {subset!r}: allowed {', '.join(SUBSETS)}")
+        """Every note that must be embedded: every subset's queries and pool, sorted, unique."""
+        parts = [np.union1d(p.query_ids, p.pool_ids) for p in self.subsets.values()]
+        return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def build_protocol(pairs, pool: str = "test", all_note_ids: Iterable[int] | None = None,
+def _dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    """Greedy one-note-once dedupe of held-out pairs (`core.data.split.dedupe_test_pairs`), in pandas."""
+    if df.empty:
+        return df
+    table = pa.table({"query_id": df["query_id"].to_numpy(np.int64), "target_id": df["target_id"].to_numpy(np.int64),
+                      "score": df["score"].to_numpy(np.float64) if "score" in df else np.zeros(len(df))})
+    kept = dedupe_test_pairs(table)
+    keys = pd.DataFrame({"query_id": kept["query_id"].to_numpy(), "target_id": kept["target_id"].to_numpy()})
+    return keys.merge(df.drop_duplicates(["query_id", "target_id"]), on=["query_id", "target_id"], how="left")
+
+
+def build_protocol(pairs, pool: str = "catalog", all_note_ids: Iterable[int] | None = None,
                    max_queries: int | None = None) -> Protocol:
-    """Queries, targets and the candidate pool from the test pairs.
+    """Per-subset queries, targets and candidate pools from held-out pairs.
 
     Args:
-        pairs: a pandas DataFrame (or anything `pd.DataFrame` accepts) with query_id, target_id,
-            short_query, short_target; one row per deduplicated test pair.
-        pool: `test` (official: all test notes minus the queries) or `all` (every note in
-            `all_note_ids` minus the queries: a larger, harder pool).
-        all_note_ids: note ids of the whole corpus; required for pool=`all`.
-        max_queries: keep only the first N pairs (file order) for a cheap validation signal; the
-            pool is then built from those pairs, so values are comparable only at equal N.
+        pairs: a pandas DataFrame (or anything `pd.DataFrame` accepts) with query_id, target_id
+            and optionally score, short_query, short_target: the held-out split's pairs,
+            deduplicated or not (each subset is deduplicated here on its own).
+        pool: `catalog` (all notes minus the subset's queries; needs `all_note_ids`), `official`
+            (the split's notes minus the subset's queries) or `targets` (reduced: the
+            deduplicated targets, one pool shared by the subsets).
+        all_note_ids: note ids of the whole corpus; required for pool=`catalog`.
+        max_queries: keep only each subset's first N deduplicated pairs (by query id) for a cheap
+            signal; values are comparable only at equal N.
 
     Returns:
         A `Protocol`.
     """
-    import pandas as pd
-
     df = pd.DataFrame(pairs)
     missing = {"query_id", "target_id"} - set(df.columns)
     if missing:
-        raise ValueError(f"test pairs lack columns {sorted(missing)}; have {list(df.columns)}")
-    if max_queries is not None:
-        df = df.iloc[: int(max_queries)]
+        raise ValueError(f"held-out pairs lack columns {sorted(missing)}; have {list(df.columns)}")
     if pool not in POOLS:
         raise ValueError(f"pool {pool!r}: allowed {', '.join(POOLS)}")
-    query_ids = df["query_id"].to_numpy(np.int64)
-    target_ids = df["target_id"].to_numpy(np.int64)
-    if pool == "test":
-        notes = np.union1d(query_ids, target_ids)
-    else:
+    for flag in ("short_query", "short_target"):
+        df[flag] = df[flag].astype(bool) if flag in df.columns else False
+    split_notes = np.union1d(df["query_id"].to_numpy(np.int64), df["target_id"].to_numpy(np.int64))
+    if pool == "catalog":
         if all_note_ids is None:
-            raise ValueError("pool='all' needs all_note_ids")
-        notes = np.unique(np.asarray(list(all_note_ids), dtype=np.int64))
-    pool_ids = np.setdiff1d(notes, query_ids)  # sorted, unique
-    keep = np.isin(target_ids, pool_ids)
-    dropped = int((~keep).sum())
-    if dropped:
-        log.warning("%d test pairs dropped: their target is also a query (pairs not deduplicated?)", dropped)
-
-    def flag(name: str) -> np.ndarray:
-        return df[name].to_numpy(bool)[keep] if name in df.columns else np.zeros(int(keep.sum()), dtype=bool)
-
-    return Protocol(query_ids[keep], target_ids[keep], flag("short_query"), flag("short_target"), pool_ids, dropped)
+            raise ValueError("pool='catalog' needs all_note_ids (every note id of the corpus)")
+        base = np.unique(np.asarray(list(all_note_ids), dtype=np.int64))
+    else:
+        base = split_notes
+    deduped_all = _dedupe(df)
+    protocol = Protocol(pool)
+    for subset in SUBSETS:
+        if pool == "targets":  # one shared reduced pool: masks over the all-pairs dedupe
+            sub = deduped_all if subset == "all" else deduped_all[deduped_all[subset]]
+        else:
+            sub = deduped_all if subset == "all" else _dedupe(df[df[subset]])
+        if max_queries is not None:
+            sub = sub.iloc[: int(max_queries)]
+        q, t = sub["query_id"].to_numpy(np.int64), sub["target_id"].to_numpy(np.int64)
+        if pool == "targets":
+            all_q = deduped_all["query_id"].to_numpy(np.int64)
+            all_t = deduped_all["target_id"].to_numpy(np.int64)
+            if max_queries is not None:
+                all_q, all_t = all_q[: int(max_queries)], all_t[: int(max_queries)]
+            pool_ids = np.setdiff1d(all_t, all_q)
+        else:
+            pool_ids = np.setdiff1d(base, q)
+        keep = np.isin(t, pool_ids)
+        dropped = int((~keep).sum())
+        if subset == "all":
+            protocol.dropped_pairs = dropped
+        if dropped:
+            log.warning("%s: %d held-out pairs dropped: their target is not in the %s pool", subset, dropped, pool)
+        protocol.subsets[subset] = SubsetProtocol(q[keep], t[keep], pool_ids)
+    return protocol
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,31 +209,33 @@ def evaluate_embeddings(
     normalize: bool = True,
     index: str = "exact",
     exact_check_queries: int = 2000,
+    ties: str = "expected",
+    n_boot: int = 2000,
     **index_kwargs,
 ):
-    """Recall@K per subset for embeddings of (at least) every query and pool note.
+    """Recall@K (with 95 % intervals) per subset for embeddings of every needed note.
 
     Args:
         note_ids: int [N] ids of the embedding rows.
         embeddings: float [N, d].
         protocol: from `build_protocol`.
-        ks: Recall@K cut-offs; K beyond the pool is reported as None.
+        ks: Recall@K cut-offs; K beyond the subset's pool is reported as None.
         chunk_size: candidates scored at a time (bounded memory, exact ranks).
         normalize: L2-normalise before the dot product (the protocol's similarity).
         index: `exact` (chunked exact ranks) or a FAISS index kind, `hnsw` / `ivf`, for pools in
-            the millions; approximate ranks stop at max(ks) (a rank of max(ks) = not retrieved).
+            the millions; approximate ranks stop at max(ks) (a rank of max(ks) = not retrieved),
+            and FAISS breaks score ties in its own arbitrary order (no tie counts).
         exact_check_queries: with a FAISS index, also rank this many queries (a seeded sample)
-            exactly and report `approx_check`: exact and approximate Recall@K on that sample and
-            their difference, `recall_loss` (0 skips the check).
+            exactly and report `approx_check` (0 skips the check).
+        ties: tie policy of `core.metrics` (`expected`, `pessimistic`, `optimistic`).
+        n_boot: bootstrap resamples of the intervals.
         **index_kwargs: FAISS settings (`ef_search`, `nprobe`, ...; see core.metrics).
 
     Returns:
-        (metrics, per_query): metrics = {"all"|"short_query"|"short_target": {"R@K": float|None},
-        "num_queries", "num": {subset: count}, "pool_size"}; per_query a pandas DataFrame with
-        query_id, target_id, rank, short_query, short_target (rank 0 = target ranked first).
+        (metrics, per_query): metrics as in the module docstring; per_query a pandas DataFrame
+        with subset, query_id, target_id, rank (candidates strictly above the target), tied
+        (candidates tied with it), one row per query of each subset.
     """
-    import pandas as pd
-
     ks = sorted({int(k) for k in ks})
     ids = torch.as_tensor(np.asarray(note_ids)).long().numpy()
     emb = torch.as_tensor(embeddings).float()  # [N, d]
@@ -176,57 +244,97 @@ def evaluate_embeddings(
     if normalize:
         emb = F.normalize(emb, dim=-1)
     if len(emb) > 1 and float((emb - emb[:1]).abs().max()) < 1e-6:
-        log.warning("all %d embeddings are identical: every candidate ties with the target, so each rank is 0 "
-                    "under the strictly-higher rule and recall reads 1.0 without meaning anything", len(emb))
+        log.warning("all %d embeddings are identical: every candidate ties with the target, so recall is "
+                    "chance level (K / pool under expected ties) and means nothing", len(emb))
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
-    query_rows = _rows_of(protocol.query_ids, sorted_ids, order, "query")
-    pool_rows = _rows_of(protocol.pool_ids, sorted_ids, order, "pool")
-    # pool_ids is sorted, so a target's pool row is a binary search away
-    target_index = torch.from_numpy(np.searchsorted(protocol.pool_ids, protocol.target_ids)).long()
-    queries, pool = emb[torch.from_numpy(query_rows)], emb[torch.from_numpy(pool_rows)]  # [Q, d], [P, d]
-    pool_size = int(len(protocol.pool_ids))
-    approx_check = None
-    if index == "exact":
-        ranks = target_ranks(queries, pool, target_index, chunk_size=chunk_size)  # [Q]
-    else:
-        max_k = min(max(ks), pool_size)
-        ranks = torch.from_numpy(approximate_target_ranks(queries, pool, target_index, max_k, index, **index_kwargs))
-        approx_check = _approx_check(queries, pool, target_index, ranks, ks, pool_size, chunk_size, exact_check_queries)
-    metrics: dict = {}
-    num = {}
-    for subset in SUBSETS:
-        mask = torch.from_numpy(protocol.subset_mask(subset))
-        metrics[subset] = recall_report(ranks[mask], ks, pool_size)
-        num[subset] = int(mask.sum())
-    metrics["num_queries"] = protocol.num_queries
-    metrics["num"] = num
-    metrics["pool_size"] = pool_size
+    metrics: dict = {"ci95": {}, "num": {}, "pool_sizes": {}}
+    frames, approx_check = [], None
+    for subset, sp in protocol.subsets.items():
+        query_rows = _rows_of(sp.query_ids, sorted_ids, order, "query")
+        pool_rows = _rows_of(sp.pool_ids, sorted_ids, order, "pool")
+        # pool_ids is sorted, so a target's pool row is a binary search away
+        target_index = torch.from_numpy(np.searchsorted(sp.pool_ids, sp.target_ids)).long()
+        queries, pool = emb[torch.from_numpy(query_rows)], emb[torch.from_numpy(pool_rows)]  # [Q, d], [P, d]
+        pool_size = int(len(sp.pool_ids))
+        if index == "exact":
+            above, tied = target_rank_counts(queries, pool, target_index, chunk_size=chunk_size)  # [Q], [Q]
+        else:
+            max_k = min(max(ks), pool_size)
+            above = torch.from_numpy(approximate_target_ranks(queries, pool, target_index, max_k, index, **index_kwargs))
+            tied = None
+            if subset == "all":
+                approx_check = _approx_check(queries, pool, target_index, above, ks, pool_size, chunk_size,
+                                             exact_check_queries, ties)
+        metrics[subset] = recall_report(above, ks, pool_size, tied, ties)
+        metrics["ci95"][subset] = {
+            f"R@{k}": (list(recall_ci(query_hits(above, tied, k, ties), n_boot=n_boot))
+                       if metrics[subset][f"R@{k}"] is not None else None) for k in ks}
+        metrics["num"][subset] = sp.num_queries
+        metrics["pool_sizes"][subset] = pool_size
+        frames.append(pd.DataFrame({"subset": subset, "query_id": sp.query_ids, "target_id": sp.target_ids,
+                                    "rank": above.numpy(), "tied": tied.numpy() if tied is not None else 0}))
+    per_query = pd.concat(frames, ignore_index=True)
+    all_rows = per_query[per_query["subset"] == "all"]
+    tied_fraction = float((all_rows["tied"] > 0).mean()) if len(all_rows) else 0.0
+    if tied_fraction > TIED_WARN_FRACTION:
+        log.warning("%.1f%% of targets tie with at least one candidate: recall is reported under %s ties",
+                    100 * tied_fraction, ties)
+    metrics.update(num_queries=protocol.num_queries, pool=protocol.pool, pool_size=metrics["pool_sizes"]["all"],
+                   ties=ties if index == "exact" else "faiss-order", tied_fraction=tied_fraction)
     if protocol.dropped_pairs:
         metrics["dropped_pairs"] = protocol.dropped_pairs
     if approx_check is not None:
         metrics["approx_check"] = approx_check
-    per_query = pd.DataFrame({
-        "query_id": protocol.query_ids, "target_id": protocol.target_ids, "rank": ranks.numpy(),
-        "short_query": protocol.short_query, "short_target": protocol.short_target,
-    })
     return metrics, per_query
 
 
-def _approx_check(queries, pool, target_index, approx_ranks, ks, pool_size: int, chunk_size: int, n: int) -> dict | None:
+def _approx_check(queries, pool, target_index, approx_ranks, ks, pool_size: int, chunk_size: int, n: int,
+                  ties: str) -> dict | None:
     """Exact vs approximate Recall@K on a seeded sample of the queries (what the index costs)."""
     if n <= 0 or not len(queries):
         return None
     sample = torch.from_numpy(np.sort(np.random.default_rng(0).permutation(len(queries))[:n]))
-    exact = target_ranks(queries[sample], pool, target_index[sample], chunk_size=chunk_size)
-    exact_r, approx_r = recall_report(exact, ks, pool_size), recall_report(approx_ranks[sample], ks, pool_size)
+    above, tied = target_rank_counts(queries[sample], pool, target_index[sample], chunk_size=chunk_size)
+    exact_r = recall_report(above, ks, pool_size, tied, ties)
+    approx_r = recall_report(approx_ranks[sample], ks, pool_size)
     loss = {k: (exact_r[k] - approx_r[k]) if exact_r[k] is not None and approx_r[k] is not None else None for k in exact_r}
     return {"queries": int(len(sample)), "exact": exact_r, "approximate": approx_r, "recall_loss": loss}
 
 
+def paired_difference(per_query_a: pd.DataFrame, per_query_b: pd.DataFrame, ks: Iterable[int],
+                      ties: str = "expected", n_boot: int = 2000) -> dict:
+    """Recall of model a minus model b on the same queries, with a paired 95 % bootstrap interval.
+
+    Args:
+        per_query_a, per_query_b: `evaluate_embeddings` per-query frames of the same protocol.
+        ks: cut-offs.
+
+    Returns:
+        {subset: {"R@K": {"mean": a - b, "ci95": [lo, hi]}}}.
+    """
+    out: dict = {}
+    for subset in SUBSETS:
+        a = per_query_a[per_query_a["subset"] == subset]
+        b = per_query_b[per_query_b["subset"] == subset]
+        joined = a.merge(b, on=["query_id", "target_id"], suffixes=("_a", "_b"))
+        if len(joined) != len(a) or len(joined) != len(b):
+            raise ValueError(f"{subset}: the two evaluations do not share their queries ({len(a)} vs {len(b)}, "
+                             f"{len(joined)} in common); compare runs evaluated under the same protocol")
+        if not len(joined):
+            continue
+        out[subset] = {}
+        for k in ks:
+            ha = query_hits(joined["rank_a"].to_numpy(), joined["tied_a"].to_numpy(), int(k), ties)
+            hb = query_hits(joined["rank_b"].to_numpy(), joined["tied_b"].to_numpy(), int(k), ties)
+            out[subset][f"R@{k}"] = {"mean": float((ha - hb).mean()),
+                                     "ci95": list(paired_recall_ci(ha, hb, n_boot=n_boot))}
+    return out
+
+
 def flatten_metrics(metrics: Mapping) -> dict[str, float]:
-    """{"all/R@100": 0.75, ...}: the `<subset>/R@<k>` names `EvalConfig.metric` uses (None dropped)."""
-    return {f"{s}/{key}": float(v) for s in SUBSETS for key, v in (metrics.get(s) or {}).items() if v is not None}
+    """{"R@100": 0.75, "short_query/R@100": ...}: the flat names runs report (`core.metrics.flatten_recall`)."""
+    return flatten_recall(metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +354,8 @@ def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None =
 
     Args:
         batch: note columns (input_ids, attention_mask, pixel_values, has_image, text_chars, ...).
-        modality: `both` (unchanged), `image` (text blanked) or `text` (image removed).
+        modality: `both` (unchanged), `image` (text blanked) or `text` (a blank image in place of
+            the note's, through encoder, connector and gate).
         blank_ids: `blank_text_prompt(...)`, required for `image`: every row becomes that prompt,
             so the image placeholders stay where the template puts them.
         pad_id: pad token id used when the blank prompt is shorter than the batch width.
@@ -261,9 +370,13 @@ def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None =
         return out
     n = len(batch["input_ids"])
     if modality == "text":
+        # Official: a blank image still goes through encoder, connector and gate, so a fused model
+        # sees the kind of input it was trained on (has_image False would skip the gate instead).
         if "pixel_values" in out:
             out["pixel_values"] = np.zeros_like(np.asarray(out["pixel_values"]))
-        out["has_image"] = np.zeros(n, dtype=bool)
+            out["has_image"] = np.ones(n, dtype=bool)
+        else:
+            out["has_image"] = np.zeros(n, dtype=bool)
         return out
     if blank_ids is None:
         raise ValueError("modality='image' needs blank_ids = blank_text_prompt(tokenizer, model_cfg)")
@@ -371,11 +484,23 @@ def embed_notes_local(model, notes, device="cpu", batch_size: int = 32, *, kind:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_test_pairs(data_dir: str):
-    """pairs_test.parquet as a pandas DataFrame (local path, NFS, s3:// or gs://)."""
-    from core.data.schema import PAIRS_FILES, data_path, read_table
+def read_pairs(data_dir: str, split: str):
+    """pairs_<split>.parquet (`val` or `test`) as a pandas DataFrame (local path, NFS, s3:// or gs://).
 
-    return read_table(data_path(data_dir, PAIRS_FILES["test"])).to_pandas()
+    Raises:
+        FileNotFoundError: one line saying to re-run prepare_data when the split is missing
+            (data prepared before the validation split existed has no pairs_val.parquet).
+    """
+    from core.data.schema import HELD_OUT_SPLITS, PAIRS_FILES, data_path, read_table
+
+    if split not in HELD_OUT_SPLITS:
+        raise ValueError(f"split {split!r}: allowed {', '.join(HELD_OUT_SPLITS)}")
+    path = data_path(data_dir, PAIRS_FILES[split])
+    try:
+        return read_table(path).to_pandas()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; re-run python -m rayjobs.prepare_data for this corpus "
+                                f"(it writes pairs_val.parquet and pairs_test.parquet)") from None
 
 
 def read_notes(data_dir: str, note_ids: Iterable[int] | None = None, columns: list[str] | None = None):
@@ -417,23 +542,24 @@ def check_modality(model_cfg, modality: str) -> None:
 
 
 def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | None = None, *,
-                      modality: str = "both", pool: str = "test", preprocessor=None,
+                      modality: str = "both", split: str = "val", pool: str | None = None, preprocessor=None,
                       return_per_query: bool = False):
-    """Recall@K on the held-out pairs, in-process (the training loop's validation).
+    """Recall@K on held-out pairs, in-process (the training loop's validation; the demo's final tables).
 
-    Reads pairs_test.parquet and notes.parquet from `data_dir`, preprocesses the needed notes with
-    the data pipeline's `NotePreprocessor` (no Ray), embeds them with the multimodal embedding
-    under `torch.no_grad` and scores them under the official protocol. Every rank of a ZeRO-3 run
-    may call it: the batches are identical on each, so collective forwards line up.
+    Reads pairs_<split>.parquet and notes.parquet from `data_dir`, preprocesses the needed notes
+    with the data pipeline's `NotePreprocessor` (no Ray), embeds them with the multimodal
+    embedding under `torch.no_grad` and scores them under the protocol. Every rank of a ZeRO-3
+    run may call it: the batches are identical on each, so collective forwards line up.
 
     Args:
         model: the NoteLLM-2 module (on `device`).
         data_dir: prepared data directory.
-        run_cfg: `RunConfig` (model prompt settings, eval.ks / batch_size / chunk_size).
+        run_cfg: `RunConfig` (model prompt settings, eval.ks / pool / ties / batch_size / chunk_size).
         device: forward device.
-        max_queries: evaluate only the first N test pairs (see `build_protocol`).
+        max_queries: evaluate only each subset's first N pairs (see `build_protocol`).
         modality: `both`, `image` or `text` (ablation).
-        pool: `test` (official) or `all`.
+        split: `val` (everything that chooses) or `test` (final numbers of chosen models only).
+        pool: `catalog`, `official` or `targets`; default `run_cfg.eval.pool`.
         preprocessor: reuse a `NotePreprocessor` (it holds a tokenizer); built from run_cfg otherwise.
         return_per_query: also return the per-query DataFrame.
 
@@ -443,8 +569,9 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
     from core.data.pipeline import IMAGE_COLUMNS, TEXT_COLUMNS, NotePreprocessor, needs_image
 
     check_modality(run_cfg.model, modality)
-    pairs = read_test_pairs(data_dir)
-    all_ids = read_notes(data_dir, columns=["note_id"])["note_id"].to_numpy() if pool == "all" else None
+    pool = pool or run_cfg.eval.pool
+    pairs = read_pairs(data_dir, split)
+    all_ids = read_notes(data_dir, columns=["note_id"])["note_id"].to_numpy() if pool == "catalog" else None
     protocol = build_protocol(pairs, pool=pool, all_note_ids=all_ids, max_queries=max_queries)
     prep = preprocessor if preprocessor is not None else NotePreprocessor(run_cfg.model)
     columns = list(TEXT_COLUMNS) + (list(IMAGE_COLUMNS) if needs_image(run_cfg.model) else [])
@@ -453,7 +580,9 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
     blank = blank_text_prompt(prep.tokenizer, run_cfg.model) if modality == "image" else None
     ids, emb = embed_notes_local(model, notes, device, run_cfg.eval.batch_size, modality=modality,
                                  blank_ids=blank, pad_id=_pad_id(prep.tokenizer))
-    metrics, per_query = evaluate_embeddings(ids, emb, protocol, run_cfg.eval.ks, run_cfg.eval.chunk_size)
+    metrics, per_query = evaluate_embeddings(ids, emb, protocol, run_cfg.eval.ks, run_cfg.eval.chunk_size,
+                                             ties=run_cfg.eval.ties)
+    metrics["split"] = split
     return (metrics, per_query) if return_per_query else metrics
 
 
@@ -494,12 +623,15 @@ def markdown_table(rows: Mapping[str, Mapping] | Sequence[tuple[str, Mapping]], 
         ks = [int(key.split("@")[1]) for key in items[0][1].get("all", {})]
     ks = list(ks)
     header = ["model"] + [f"{s} R@{k_label(k)}" for s in subsets for k in ks] + ["queries", "pool"]
+    # cells: "31.20 (27.1–35.4)" = recall and its 95 % bootstrap interval over queries, in percent
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in items:
         cells = [str(name)]
         for s in subsets:
             for k in ks:
-                cells.append(format_recall((m.get(s) or {}).get(f"R@{k}"), percent=percent))
-        cells += [str(m.get("num_queries", "")), str(m.get("pool_size", ""))]
+                cells.append(format_recall_ci((m.get(s) or {}).get(f"R@{k}"),
+                                              ((m.get("ci95") or {}).get(s) or {}).get(f"R@{k}"), percent=percent))
+        pool = f"{m.get('pool_size', '')}" + (f" ({m['pool']})" if m.get("pool") else "")
+        cells += [str(m.get("num_queries", "")), pool]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

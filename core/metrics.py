@@ -1,29 +1,89 @@
-"""Retrieval metrics: exact target ranks and Recall@K in bounded memory, plus a FAISS path.
+"""Retrieval metrics: exact target ranks with ties, Recall@K, bootstrap intervals, a FAISS path.
 
-The contract (REFERENCE §7): a query's *target rank* is the number of pool candidates scoring
-strictly higher than the target under a plain dot product; Recall@K is the fraction of queries
-with rank < K. Ties therefore count in the query's favour, and the target is never compared with
-itself. Embeddings are *not* normalised here: the caller decides the geometry.
+The contract (REFERENCE §7): for each query, `above` counts the pool candidates scoring strictly
+higher than the target and `tied` those scoring exactly the target's score (the target never
+competes with itself). Recall@K under ties (`ties=`):
 
-    ranks = target_ranks(q, c, target_index, chunk_size=8192)     # exact, no sort of the pool
-    recall = recall_at_k(q, c, target_index, ks=[10, 100])         # {10: 0.41, 100: 0.87}
-    report = recall_report(ranks, ks=[10, 100, 10_000], pool_size=len(c))  # K > pool -> None
+- `expected` (default): the exact expectation under uniformly random tie-breaking: a query
+  contributes 0 if above >= K, 1 if above + tied < K, else (K - above) / (tied + 1). A model whose
+  embeddings all coincide scores K / |pool|, never 1.
+- `pessimistic`: every tie beats the target (hit iff above + tied < K).
+- `optimistic`: no tie beats the target (hit iff above < K; the pre-0.2 rule).
+
+Embeddings are *not* normalised here: the caller decides the geometry.
+
+    above, tied = target_rank_counts(q, c, target_index)           # exact, no sort of the pool
+    recall = recall_at_k(q, c, target_index, ks=[10, 100])          # {10: 0.41, 100: 0.87}
+    hits = query_hits(above, tied, 10)                              # float64 [Q], mean = R@10
+    lo, hi = recall_ci(hits)                                        # 95 % bootstrap over queries
+    lo, hi = paired_recall_ci(hits_a, hits_b)                       # interval of mean(a - b)
 
 Exact ranks never sort the pool: candidates are scored `chunk_size` rows at a time and each
-query counts the candidates above its target, so memory is O(query_chunk_size * chunk_size)
-whatever the pool size. Pools in the millions can use `approximate_recall_at_k` (FAISS HNSW or
-IVF inner-product index), optionally with its recall loss against the exact count.
+query counts the candidates above (and tied with) its target, so memory is
+O(query_chunk_size * chunk_size) whatever the pool size. Pools in the millions can use
+`approximate_recall_at_k` (FAISS HNSW or IVF inner-product index), whose tie policy is FAISS's:
+equal scores come back in an arbitrary order, so a tie may or may not beat the target.
+
+Metric names have one home here: `metric_key("short_query", 10)` -> "short_query/R@10" (all
+pairs: "R@10"), `parse_metric_key`, `flatten_recall` / `unflatten_recall` between the nested
+{"all": {"R@10": ..}, ..} mapping and the flat keys that runs report, and `SPLIT_PREFIXES` for
+the leaderboard's `val/` and `test/` columns.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from core.config import TIE_POLICIES as TIES
+
 NOT_APPLICABLE = "n/a"
+SUBSETS = ("all", "short_query", "short_target")
+"""Query subsets: all pairs, pairs with a short query note, pairs with a short target note."""
+SPLIT_PREFIXES = {"val": "val/", "test": "test/"}
+"""Column prefixes of the leaderboard: validation (what chooses) and test (read once, reported)."""
+RECALL_KEY = re.compile(r"^(?:(short_query|short_target)/)?R@(\d+)$")
+"""A reported recall key: `R@<k>` (all pairs) or `<short subset>/R@<k>`."""
+
+
+def metric_key(subset: str, k: int) -> str:
+    """The flat name of Recall@k on `subset`: "R@10" for all pairs, "short_query/R@10" otherwise."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset {subset!r}: allowed {', '.join(SUBSETS)}")
+    return f"R@{int(k)}" if subset == "all" else f"{subset}/R@{int(k)}"
+
+
+def parse_metric_key(key: str) -> tuple[str, int] | None:
+    """"short_query/R@10" -> ("short_query", 10); "R@10" or "all/R@10" -> ("all", 10); else None."""
+    m = RECALL_KEY.match(key[len("all/"):] if key.startswith("all/") else key)
+    return (m.group(1) or "all", int(m.group(2))) if m else None
+
+
+def flatten_recall(metrics: Mapping) -> dict[str, float]:
+    """{"all": {"R@10": v}, "short_query": {...}} -> {"R@10": v, "short_query/R@10": ...} (None dropped)."""
+    out = {}
+    for subset in SUBSETS:
+        for key, value in (metrics.get(subset) or {}).items():
+            parsed = parse_metric_key(key)
+            if value is not None and parsed is not None:
+                out[metric_key(subset, parsed[1])] = float(value)
+    return out
+
+
+def unflatten_recall(flat: Mapping, prefix: str = "") -> dict[str, dict[str, float]]:
+    """The inverse of `flatten_recall`, reading only keys that start with `prefix` (e.g. "val/")."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        if not key.startswith(prefix):
+            continue
+        parsed = parse_metric_key(key[len(prefix):])
+        if parsed is not None and value is not None:
+            out.setdefault(parsed[0], {})[f"R@{parsed[1]}"] = float(value)
+    return out
 
 
 def _check_inputs(query_emb: torch.Tensor, candidate_emb: torch.Tensor, target_index: torch.Tensor) -> None:
@@ -63,18 +123,27 @@ def _outward_float32(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def target_ranks(
+def target_ranks(query_emb: torch.Tensor, candidate_emb: torch.Tensor, target_index: torch.Tensor,
+                 chunk_size: int = 8192, query_chunk_size: int = 2048,
+                 score_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The number of candidates scoring strictly above each target (`target_rank_counts`' first half)."""
+    return target_rank_counts(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size, score_dtype)[0]
+
+
+@torch.no_grad()
+def target_rank_counts(
     query_emb: torch.Tensor,
     candidate_emb: torch.Tensor,
     target_index: torch.Tensor,
     chunk_size: int = 8192,
     query_chunk_size: int = 2048,
     score_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Exact 0-based rank of each query's target among the candidates.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact counts of the candidates above and tied with each query's target.
 
-    rank_i = #{ j != t_i : <q_i, c_j> > <q_i, c_{t_i}> }, the comparison made in float64 on the
-    given inputs (exact ties, e.g. duplicated candidate rows, are ties).
+    above_i = #{ j != t_i : <q_i, c_j> > <q_i, c_{t_i}> } and tied_i = #{ j != t_i : equal }, the
+    comparison made in float64 on the given inputs (exact ties, e.g. duplicated candidate rows,
+    are ties).
 
     Fast path (`score_dtype=torch.float32`, the default): candidates are scored by a float32
     matmul, whose error is bounded, whatever the kernel's summation order or chunk shape, by
@@ -105,7 +174,7 @@ def target_ranks(
         score_dtype: torch.float32 (fast, exact via the float64 recheck) or torch.float64.
 
     Returns:
-        long [Q] ranks in [0, C - 1] on the device of the inputs.
+        (above, tied): long [Q] each, above + tied <= C - 1, on the device of the inputs.
     """
     _check_inputs(query_emb, candidate_emb, target_index)
     if chunk_size < 1 or query_chunk_size < 1:
@@ -114,7 +183,8 @@ def target_ranks(
         raise ValueError(f"score_dtype={score_dtype}: allowed torch.float32, torch.float64")
     target_index = target_index.to(query_emb.device).long()
     if not query_emb.numel() or not candidate_emb.numel():
-        return torch.zeros(query_emb.shape[0], dtype=torch.long, device=query_emb.device)
+        zeros = torch.zeros(query_emb.shape[0], dtype=torch.long, device=query_emb.device)
+        return zeros, zeros.clone()
     ranks = None
     if score_dtype == torch.float32:
         ranks = _margin_ranks(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size, torch.float32)
@@ -124,7 +194,7 @@ def target_ranks(
 
 
 def _margin_ranks(query_emb, candidate_emb, target_index, chunk_size, query_chunk_size,
-                  dtype: torch.dtype) -> torch.Tensor | None:
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Scores in `dtype` + float64 recheck of the candidates within the error margin (see target_ranks).
 
     Returns None where float32 cannot help (the margin would cover everything, or scores could
@@ -160,6 +230,7 @@ def _margin_ranks(query_emb, candidate_emb, target_index, chunk_size, query_chun
     floor = (d + 2) * (_F32.tiny if f32 else torch.finfo(torch.float64).tiny)  # underflowed products
     recheck_rows = max(1, (1 << 20) // max(d, 1))  # float64 recheck in pieces of <= 1M elements (8 MB)
     ranks = torch.zeros(n_query, dtype=torch.long, device=device)
+    ties = torch.zeros(n_query, dtype=torch.long, device=device)
     score_buf = torch.empty(min(query_chunk_size, n_query) * block, dtype=dtype, device=device)
     above_buf = torch.empty(score_buf.shape, dtype=torch.bool, device=device)
     amb_buf = torch.empty(score_buf.shape, dtype=torch.bool, device=device)
@@ -175,6 +246,7 @@ def _margin_ranks(query_emb, candidate_emb, target_index, chunk_size, query_chun
         else:
             lo32, hi32 = tgt_score - margin, tgt_score + margin
         count = torch.zeros(nq, dtype=torch.long, device=device)
+        tied = torch.zeros(nq, dtype=torch.long, device=device)
         for k, cs in enumerate(starts):
             c32 = candidate_emb[cs: cs + block].to(dtype)
             cc = c32.shape[0]
@@ -188,20 +260,48 @@ def _margin_ranks(query_emb, candidate_emb, target_index, chunk_size, query_chun
                 r = row[ps: ps + recheck_rows]
                 # sum_k q_k (c_jk - c_tk) in float64: products and differences of float32 data are
                 # exact, so an exact tie (and the target itself) gives exactly 0, in any order.
-                diff = candidate_emb.index_select(0, j[ps: ps + recheck_rows] + cs).double()
+                cand = j[ps: ps + recheck_rows] + cs
+                diff = candidate_emb.index_select(0, cand).double()
                 diff -= candidate_emb.index_select(0, tgt[r]).double()
                 diff *= q64.index_select(0, r)
-                count.index_add_(0, r, (diff.sum(dim=1) > 0).long())
+                delta = diff.sum(dim=1)
+                count.index_add_(0, r, (delta > 0).long())
+                tied.index_add_(0, r, ((delta == 0) & (cand != tgt[r])).long())  # the target is no tie
         ranks[qs: qs + nq] = count
-    return ranks
+        ties[qs: qs + nq] = tied
+    return ranks, ties
 
 
-def recall_from_ranks(ranks: torch.Tensor | np.ndarray, ks: Iterable[int]) -> dict[int, float]:
-    """Recall@K = fraction of queries with rank < K, for every K (NaN when there are no queries)."""
-    r = torch.as_tensor(ranks)
+def query_hits(above: torch.Tensor | np.ndarray, tied: torch.Tensor | np.ndarray | None, k: int,
+               ties: str = "expected") -> np.ndarray:
+    """Each query's contribution to Recall@k (float64 [Q]; the mean is the recall).
+
+    Args:
+        above: int [Q] candidates strictly above the target.
+        tied: int [Q] candidates exactly tied with it (None: no tie information, treated as 0).
+        k: the cut-off.
+        ties: `expected`, `pessimistic` or `optimistic` (module docstring).
+    """
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r}: allowed {', '.join(TIES)}")
+    h = torch.as_tensor(above).cpu().numpy().astype(np.float64)
+    e = np.zeros_like(h) if tied is None else torch.as_tensor(tied).cpu().numpy().astype(np.float64)
+    k = float(k)
+    if ties == "optimistic":
+        return (h < k).astype(np.float64)
+    if ties == "pessimistic":
+        return (h + e < k).astype(np.float64)
+    # expected: of the e + 1 tied places the target lands uniformly on one; k - h of them are hits
+    return np.where(h >= k, 0.0, np.where(h + e < k, 1.0, (k - h) / (e + 1.0)))
+
+
+def recall_from_ranks(ranks: torch.Tensor | np.ndarray, ks: Iterable[int], tied=None,
+                      ties: str = "expected") -> dict[int, float]:
+    """Recall@K for every K from the above-counts (and tie counts); NaN when there are no queries."""
     out = {}
     for k in ks:
-        out[int(k)] = float((r < int(k)).float().mean().item()) if r.numel() else math.nan
+        hits = query_hits(ranks, tied, int(k), ties)
+        out[int(k)] = float(hits.mean()) if hits.size else math.nan
     return out
 
 
@@ -210,6 +310,7 @@ def recall_at_k(
     candidate_emb: torch.Tensor,
     target_index: torch.Tensor,
     ks: Iterable[int],
+    ties: str = "expected",
     chunk_size: int = 8192,
 ) -> dict[int, float]:
     """Exact Recall@K by dot product (the public contract; see the module docstring).
@@ -220,22 +321,59 @@ def recall_at_k(
         target_index: long [Q] rows of `candidate_emb`.
         ks: cut-offs. A K beyond the pool gives its mathematical value (1.0); `recall_report`
             is the layer that marks it not applicable.
+        ties: `expected` (default), `pessimistic` or `optimistic`.
         chunk_size: candidate rows scored at a time.
 
     Returns:
         {K: recall in [0, 1]}.
     """
-    return recall_from_ranks(target_ranks(query_emb, candidate_emb, target_index, chunk_size), ks)
+    above, tied = target_rank_counts(query_emb, candidate_emb, target_index, chunk_size)
+    return recall_from_ranks(above, ks, tied, ties)
 
 
-def recall_report(ranks: torch.Tensor | np.ndarray, ks: Iterable[int], pool_size: int) -> dict[str, float | None]:
+def recall_report(ranks: torch.Tensor | np.ndarray, ks: Iterable[int], pool_size: int, tied=None,
+                  ties: str = "expected") -> dict[str, float | None]:
     """Reporting view: {"R@K": recall} with None where K exceeds the pool (or there are no queries).
 
     A K larger than the candidate pool says nothing about the model (every target is trivially
     inside), so it is reported as not applicable rather than as a perfect 1.0.
     """
-    values = recall_from_ranks(ranks, ks)
+    values = recall_from_ranks(ranks, ks, tied, ties)
     return {f"R@{k}": (None if k > pool_size or math.isnan(v) else v) for k, v in values.items()}
+
+
+def recall_ci(per_query_values, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `per_query_values` (resampling queries).
+
+    Args:
+        per_query_values: float [Q], e.g. `query_hits(...)`.
+        level: coverage of the interval.
+        n_boot: bootstrap resamples.
+        seed: resampling seed (intervals are reproducible).
+
+    Returns:
+        (low, high); (nan, nan) without queries.
+    """
+    v = np.asarray(per_query_values, dtype=np.float64)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level}: allowed (0, 1)")
+    if v.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for s in range(0, n_boot, 256):  # bounded memory: 256 resamples of Q at a time
+        idx = rng.integers(0, v.size, size=(min(256, n_boot - s), v.size))
+        means[s: s + idx.shape[0]] = v[idx].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+def paired_recall_ci(values_a, values_b, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of mean(a - b) for two models' per-query values on the same queries."""
+    a, b = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values must align query by query: {a.shape} vs {b.shape}")
+    return recall_ci(a - b, level, n_boot, seed)
 
 
 def format_recall(value: float | None, percent: bool = True, digits: int = 2) -> str:
@@ -243,6 +381,15 @@ def format_recall(value: float | None, percent: bool = True, digits: int = 2) ->
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return NOT_APPLICABLE
     return f"{value * 100:.{digits}f}" if percent else f"{value:.{digits + 2}f}"
+
+
+def format_recall_ci(value: float | None, ci: Sequence[float] | None, percent: bool = True, digits: int = 1) -> str:
+    """A recall cell with its interval: "31.2 (27.1–35.4)"; just the value without an interval."""
+    cell = format_recall(value, percent, digits)
+    if cell == NOT_APPLICABLE or not ci or any(c is None or math.isnan(c) for c in ci):
+        return cell
+    lo, hi = (format_recall(float(c), percent, digits) for c in ci)
+    return f"{cell} ({lo}–{hi})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +507,7 @@ def approximate_recall_at_k(
     out = {"recall": recall_from_ranks(ranks, ks)}
     if compare_exact:
         exact = recall_at_k(torch.as_tensor(query_emb).float(), torch.as_tensor(candidate_emb).float(),
-                            torch.as_tensor(target_index).long(), ks, chunk_size)
+                            torch.as_tensor(target_index).long(), ks, chunk_size=chunk_size)
         out["exact"] = exact
         out["recall_loss"] = {k: exact[k] - out["recall"][k] for k in ks}
     return out

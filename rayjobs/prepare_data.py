@@ -20,9 +20,11 @@ e.g. NFS, or copy the folder to s3:// afterwards):
 
     ray job submit --working-dir . -- python -m rayjobs.prepare_data --corpus tuxpaint --out /mnt/shared/data/tuxpaint
 
-Writes into --out: notes.parquet, events.parquet, pairs_train.parquet, pairs_test.parquet
-(query_id, target_id, score, short_query, short_target) and data_report.json (counts; every
-skipped row with its reason). From Python: `prepare("synthetic", "runs/data/x", num_notes=200)`.
+Writes into --out: notes.parquet, events.parquet, pairs_train.parquet, pairs_val.parquet,
+pairs_test.parquet (query_id, target_id, score, short_query, short_target) and data_report.json
+(counts; every skipped row with its reason). Validation and test query notes are disjoint
+seeded draws (`--val-fraction`, `--test-fraction`); training pairs touch neither. Validation
+is what training, ASHA, Optuna and the demo choose by; test is read once, by the final evaluation. From Python: `prepare("synthetic", "runs/data/x", num_notes=200)`.
 A wholly unreadable input fails at once with one line naming the file (exit status 2).
 """
 
@@ -36,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULTS = dict(num_notes=None, seed=0, short_fraction=0.3, lower=0.0, upper=float("inf"), top_t=10,
-                test_fraction=0.2, short_text_chars=20, input=None, image_root=None, embed_images=True)
+                test_fraction=0.2, val_fraction=0.1, short_text_chars=20, input=None, image_root=None, embed_images=True)
 
 
 def prepare(corpus, out_dir, **opts) -> dict:
@@ -66,7 +68,7 @@ def prepare(corpus, out_dir, **opts) -> dict:
     elif corpus == "parquet":
         raw = read_parquet_corpus(o["input"])
     else:
-        adapter_opts = {k: v for k, v in o.items() if k not in ("lower", "upper", "top_t", "test_fraction", "short_text_chars", "embed_images")}
+        adapter_opts = {k: v for k, v in o.items() if k not in ("lower", "upper", "top_t", "test_fraction", "val_fraction", "short_text_chars", "embed_images")}
         raw = build_corpus(corpus, **adapter_opts)
     report = DataReport()
     report.merge(raw.report)
@@ -77,18 +79,22 @@ def prepare(corpus, out_dir, **opts) -> dict:
     events = schema.validate_events(raw.events, notes["note_id"].to_numpy(), report)
     pairs = mine_pairs(events, lower=o["lower"], upper=o["upper"], top_t=o["top_t"])
     report.count("pairs_mined", pairs.num_rows)
-    train, test, stats = split_pairs(pairs, test_fraction=o["test_fraction"], seed=o["seed"])
-    report.skip("pairs", "target_is_test_query", stats["dropped_leaky"])
-    deduped = dedupe_test_pairs(test)
-    report.skip("pairs", "test_note_repeated", test.num_rows - deduped.num_rows)
-    train, deduped = flag_short(train, short_ids), flag_short(deduped, short_ids)
+    train, val, test, stats = split_pairs(pairs, test_fraction=o["test_fraction"], val_fraction=o["val_fraction"],
+                                          seed=o["seed"])
+    report.skip("pairs", "target_is_held_out_query", stats["dropped_leaky"])
+    report.skip("pairs", "val_target_is_test_query", stats["dropped_val_leaky"])
+    train, val, test = (flag_short(t, short_ids) for t in (train, val, test))
     report.count("test_queries_drawn", stats["test_queries"])
+    report.count("val_queries_drawn", stats["val_queries"])
     report.count("pairs_train", train.num_rows)
-    report.count("pairs_test", deduped.num_rows)
-    report.count("pairs_test_short_query", int(sum(deduped["short_query"].to_pylist())))
-    report.count("pairs_test_short_target", int(sum(deduped["short_target"].to_pylist())))
-    if train.num_rows == 0 or deduped.num_rows == 0:
-        print(f"prepare_data: warning: {train.num_rows} train / {deduped.num_rows} test pairs; "
+    for name, held in (("val", val), ("test", test)):
+        deduped = dedupe_test_pairs(held)
+        report.count(f"pairs_{name}", held.num_rows)
+        report.count(f"pairs_{name}_deduped", deduped.num_rows)  # the all-pairs queries evaluation ranks
+        report.count(f"pairs_{name}_short_query", int(sum(deduped["short_query"].to_pylist())))
+        report.count(f"pairs_{name}_short_target", int(sum(deduped["short_target"].to_pylist())))
+    if train.num_rows == 0 or test.num_rows == 0 or (o["val_fraction"] > 0 and val.num_rows == 0):
+        print(f"prepare_data: warning: {train.num_rows} train / {val.num_rows} val / {test.num_rows} test pairs; "
               f"widen --lower/--upper or generate more events", file=sys.stderr)
 
     out = Path(out_dir)
@@ -99,7 +105,8 @@ def prepare(corpus, out_dir, **opts) -> dict:
     # query's pairs has few usable negatives. Streaming reads keep this order (no reshuffle).
     order = np.random.default_rng(o["seed"]).permutation(train.num_rows)
     schema.write_table(train.take(order).cast(schema.SPLIT_PAIR_SCHEMA), out / schema.PAIRS_FILES["train"])
-    schema.write_table(deduped.cast(schema.SPLIT_PAIR_SCHEMA), out / schema.PAIRS_FILES["test"])
+    schema.write_table(val.cast(schema.SPLIT_PAIR_SCHEMA), out / schema.PAIRS_FILES["val"])
+    schema.write_table(test.cast(schema.SPLIT_PAIR_SCHEMA), out / schema.PAIRS_FILES["test"])
     report.info["corpus"] = raw.name
     report.info["options"] = {k: (None if v == float("inf") else v) for k, v in o.items()}
     report.info["seconds"] = round(time.time() - t0, 3)
@@ -192,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upper", type=float, default=DEFAULTS["upper"], help="largest co-occurrence score kept (inclusive)")
     p.add_argument("--top-t", type=int, default=DEFAULTS["top_t"], help="targets kept per query note")
     p.add_argument("--test-fraction", type=float, default=DEFAULTS["test_fraction"], help="fraction of query notes held out for test")
+    p.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"],
+                   help="fraction of query notes held out for validation (disjoint from test; what runs are chosen by)")
     p.add_argument("--short-text-chars", type=int, default=DEFAULTS["short_text_chars"], help="a note with fewer title+content characters is 'short'")
     p.add_argument("--no-embed-images", dest="embed_images", action="store_false", help="keep image_uri references instead of storing image bytes")
     return p
@@ -210,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     c = report["counts"]
     print(f"prepared {args.corpus} in {args.out}: {c.get('notes_out')} notes ({c.get('short_notes')} short), "
-          f"{c.get('events_out')} events, {c.get('pairs_train')} train / {c.get('pairs_test')} test pairs; "
+          f"{c.get('events_out')} events, {c.get('pairs_train')} train / {c.get('pairs_val')} val / "
+          f"{c.get('pairs_test')} test pairs; "
           f"skipped: {report['skipped'] or 'none'}")
     return 0
 

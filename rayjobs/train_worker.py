@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from core.config import RunConfig
+from core.metrics import flatten_recall
 
 log = logging.getLogger("notellm2.train")
 
@@ -300,22 +301,16 @@ def _write_export(engine, cfg: RunConfig, rank: int, tokenizer, out_dir: Path) -
 
 
 def _validate(engine, cfg: RunConfig, device) -> dict:
-    """Validation Recall@K on held-out pairs; every rank runs it (ZeRO-3 forwards are collective)."""
+    """Recall@K on the validation pairs (never test); every rank runs it (ZeRO-3 forwards are collective)."""
     from core.evaluation import validation_recall
 
     engine.module.eval()
     try:
         with torch.no_grad():
-            report = validation_recall(engine.module, cfg.data.path, cfg, device)
+            report = validation_recall(engine.module, cfg.data.path, cfg, device, split="val")
     finally:
         engine.module.train()
-    # final_metrics.json contract: R@<k> for all pairs, <subset>/R@<k> for the short subsets
-    flat = {}
-    for subset in ("all", "short_query", "short_target"):
-        for key, value in (report.get(subset) or {}).items():
-            if value is not None:
-                flat[key if subset == "all" else f"{subset}/{key}"] = float(value)
-    return flat
+    return flatten_recall(report)  # final_metrics.json contract: core.metrics.metric_key names
 
 
 def train_fn_per_worker(config: dict) -> None:

@@ -5,7 +5,9 @@ A prepared data directory holds:
     notes.parquet        one row per note (NOTE_SCHEMA)
     events.parquet       the validated click log (EVENT_SCHEMA)
     pairs_train.parquet  mined related pairs for training (PAIR_SCHEMA + short flags)
-    pairs_test.parquet   greedily de-duplicated test pairs (PAIR_SCHEMA + short flags)
+    pairs_val.parquet    held-out validation pairs: every mined pair of a validation query note
+                         (PAIR_SCHEMA + short flags); evaluation dedupes each subset on its own
+    pairs_test.parquet   held-out test pairs, likewise, for test query notes (read once, at the end)
     data_report.json     counts, and every skipped row with its reason
 
 Notes carry their image either inline (`image`: the encoded file bytes) or by reference
@@ -24,7 +26,9 @@ import pyarrow.parquet as pq
 
 NOTES_FILE = "notes.parquet"
 EVENTS_FILE = "events.parquet"
-PAIRS_FILES = {"train": "pairs_train.parquet", "test": "pairs_test.parquet"}
+PAIRS_FILES = {"train": "pairs_train.parquet", "val": "pairs_val.parquet", "test": "pairs_test.parquet"}
+HELD_OUT_SPLITS = ("val", "test")
+"""`val` is read by everything that chooses (early stopping, ASHA, Optuna, best trial); `test` once."""
 REPORT_FILE = "data_report.json"
 
 NOTE_SCHEMA = pa.schema([

@@ -42,26 +42,55 @@ def hand_embeddings():
     return ids, emb
 
 
-def test_protocol_pool_is_test_notes_minus_queries():
-    p = build_protocol(hand_pairs())
+def test_protocol_pools():
+    p = build_protocol(hand_pairs(), pool="targets")  # reduced: the pairs' targets
     assert p.pool_ids.tolist() == [11, 12, 13, 14]
     assert p.query_ids.tolist() == [1, 2, 3, 4]
     assert p.needed_ids().tolist() == [1, 2, 3, 4, 11, 12, 13, 14]
-    big = build_protocol(hand_pairs(), pool="all", all_note_ids=[1, 2, 3, 4, 11, 12, 13, 14, 20, 21])
+    assert p.subsets["short_query"].pool_ids.tolist() == [11, 12, 13, 14]  # one shared pool
+    catalog = [1, 2, 3, 4, 11, 12, 13, 14, 20, 21]
+    big = build_protocol(hand_pairs(), pool="catalog", all_note_ids=catalog)
     assert big.pool_ids.tolist() == [11, 12, 13, 14, 20, 21]
-    assert build_protocol(hand_pairs(), max_queries=2).pool_ids.tolist() == [11, 12]
+    # each subset's pool is the catalogue minus *its own* queries: short_query = queries 1 and 3
+    assert big.subsets["short_query"].pool_ids.tolist() == [2, 4, 11, 12, 13, 14, 20, 21]
+    assert build_protocol(hand_pairs(), pool="targets", max_queries=2).pool_ids.tolist() == [11, 12]
+    with pytest.raises(ValueError, match="all_note_ids"):
+        build_protocol(hand_pairs(), pool="catalog")
+    with pytest.raises(ValueError, match="allowed catalog, official, targets"):
+        build_protocol(hand_pairs(), pool="test")
 
 
-def test_protocol_drops_pairs_whose_target_is_a_query():
+def test_official_pool_dedupes_and_pools_each_subset_on_its_own():
+    """REFERENCE §7: each subset's pair file is deduplicated on its own and pooled on its own, over
+    the held-out split's notes. Here 1->11 (score 3) wins the all-pairs dedupe over 2->11, but the
+    short-query subset (queries 2, 3) keeps 2->11 since query 1 is not in it."""
+    pairs = pd.DataFrame({"query_id": [1, 2, 3, 3], "target_id": [11, 11, 12, 13], "score": [3.0, 2.0, 1.0, 0.5],
+                          "short_query": [False, True, True, True], "short_target": [False, False, True, False]})
+    p = build_protocol(pairs, pool="official")
+    assert list(zip(p.query_ids, p.target_ids)) == [(1, 11), (3, 12)]
+    assert p.pool_ids.tolist() == [2, 11, 12, 13]  # split notes {1, 2, 3, 11, 12, 13} minus queries {1, 3}
+    sq = p.subsets["short_query"]
+    assert list(zip(sq.query_ids, sq.target_ids)) == [(2, 11), (3, 12)]
+    assert sq.pool_ids.tolist() == [1, 11, 12, 13]
+    st = p.subsets["short_target"]
+    assert list(zip(st.query_ids, st.target_ids)) == [(3, 12)] and st.pool_ids.tolist() == [1, 2, 11, 12, 13]
+    # dedupe leaves no target that is also a query of its subset
+    for sub in p.subsets.values():
+        assert not np.isin(sub.target_ids, sub.query_ids).any()
+
+
+def test_protocol_dedupe_removes_pairs_whose_target_is_a_query():
     pairs = pd.DataFrame({"query_id": [1, 2], "target_id": [2, 3], "short_query": [False, False], "short_target": [False, True]})
-    p = build_protocol(pairs)
-    assert p.dropped_pairs == 1 and p.query_ids.tolist() == [2] and p.short_target.tolist() == [True]
+    p = build_protocol(pairs, pool="targets")
+    assert p.query_ids.tolist() == [1] and p.target_ids.tolist() == [2]  # note 2 is used once only
+    assert p.dropped_pairs == 0 and p.subsets["short_target"].num_queries == 0  # its one pair lost the dedupe
 
 
 def test_three_subsets_on_hand_made_case():
     ids, emb = hand_embeddings()
-    metrics, per_query = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 2, 4, 100])
-    assert per_query.set_index("query_id")["rank"].to_dict() == {1: 0, 2: 1, 3: 0, 4: 3}
+    metrics, per_query = evaluate_embeddings(ids, emb, build_protocol(hand_pairs(), pool="targets"), ks=[1, 2, 4, 100])
+    everyone = per_query[per_query["subset"] == "all"]
+    assert everyone.set_index("query_id")["rank"].to_dict() == {1: 0, 2: 1, 3: 0, 4: 3}
     assert metrics["all"] == {"R@1": 0.5, "R@2": 0.75, "R@4": 1.0, "R@100": None}
     # short_query = queries 1 and 3 (ranks 0, 0); short_target = queries 3 and 4 (ranks 0, 3)
     assert metrics["short_query"] == {"R@1": 1.0, "R@2": 1.0, "R@4": 1.0, "R@100": None}
@@ -70,15 +99,18 @@ def test_three_subsets_on_hand_made_case():
     assert metrics["num"] == {"all": 4, "short_query": 2, "short_target": 2}
     assert flatten_metrics(metrics)["short_target/R@2"] == 0.5
     assert "all/R@100" not in flatten_metrics(metrics)
-    assert list(per_query.columns) == ["query_id", "target_id", "rank", "short_query", "short_target"]
+    assert list(per_query.columns) == ["subset", "query_id", "target_id", "rank", "tied"]
+    assert len(per_query) == 4 + 2 + 2 and metrics["pool"] == "targets" and metrics["ties"] == "expected"
+    lo, hi = metrics["ci95"]["all"]["R@2"]
+    assert lo <= 0.75 <= hi and lo < hi and metrics["ci95"]["all"]["R@100"] is None
 
 
 def test_faiss_index_path_matches_exact_on_hand_made_case():
     pytest.importorskip("faiss")
     ids, emb = hand_embeddings()
-    exact, _ = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 2, 4])
+    exact, _ = evaluate_embeddings(ids, emb, build_protocol(hand_pairs(), pool="targets"), ks=[1, 2, 4])
     for kind in ("hnsw", "ivf"):
-        approx, per_query = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 2, 4], index=kind)
+        approx, per_query = evaluate_embeddings(ids, emb, build_protocol(hand_pairs(), pool="targets"), ks=[1, 2, 4], index=kind)
         assert approx["all"] == exact["all"] and approx["short_query"] == exact["short_query"]
         assert per_query["rank"].max() <= 4
         # the index's cost against exact is reported with the figures (here: none)
@@ -98,7 +130,7 @@ def test_approx_check_reports_what_a_coarse_index_loses():
     pairs = pd.DataFrame({"query_id": np.arange(0, 200), "target_id": np.arange(200, 400),
                           "short_query": False, "short_target": False})
     ids = np.arange(n)
-    metrics, _ = evaluate_embeddings(ids, emb, build_protocol(pairs, pool="all", all_note_ids=ids), ks=[10, 100],
+    metrics, _ = evaluate_embeddings(ids, emb, build_protocol(pairs, pool="catalog", all_note_ids=ids), ks=[10, 100],
                                      index="ivf", nlist=16, nprobe=1, exact_check_queries=150)
     check = metrics["approx_check"]
     assert check["queries"] == 150
@@ -111,15 +143,15 @@ def test_embeddings_are_normalised_and_order_free():
     ids, emb = hand_embeddings()
     perm = np.random.default_rng(0).permutation(len(ids))
     scaled = emb * np.linspace(1, 50, len(ids))[:, None].astype(np.float32)  # norms must not matter
-    m1, _ = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 2])
-    m2, _ = evaluate_embeddings(ids[perm], scaled[perm], build_protocol(hand_pairs()), ks=[1, 2])
+    m1, _ = evaluate_embeddings(ids, emb, build_protocol(hand_pairs(), pool="targets"), ks=[1, 2])
+    m2, _ = evaluate_embeddings(ids[perm], scaled[perm], build_protocol(hand_pairs(), pool="targets"), ks=[1, 2])
     assert m1 == m2
 
 
 def test_missing_embedding_is_a_clear_error():
     ids, emb = hand_embeddings()
     with pytest.raises(KeyError, match="no embedding"):
-        evaluate_embeddings(ids[1:], emb[1:], build_protocol(hand_pairs()), ks=[1])
+        evaluate_embeddings(ids[1:], emb[1:], build_protocol(hand_pairs(), pool="targets"), ks=[1])
 
 
 def test_apply_modality():
@@ -133,7 +165,10 @@ def test_apply_modality():
     }
     assert apply_modality(batch, "both")["input_ids"] is batch["input_ids"]
     text = apply_modality(batch, "text")
-    assert not text["has_image"].any() and not text["pixel_values"].any()
+    # official text ablation: a blank image, still flagged as an image so it passes encoder and gate
+    assert text["has_image"].all() and not text["pixel_values"].any()
+    no_pixels = apply_modality({k: v for k, v in batch.items() if k != "pixel_values"}, "text")
+    assert not no_pixels["has_image"].any()  # a model that reads no image: nothing to blank
     assert batch["pixel_values"].all()  # input untouched
     image = apply_modality(batch, "image", blank_ids=np.array([3, 4, 5, 6, 2]), pad_id=0)
     assert image["input_ids"].tolist() == [[3, 4, 5, 6, 2]] * 2
@@ -148,18 +183,20 @@ def test_apply_modality():
 
 def test_markdown_table_shape():
     ids, emb = hand_embeddings()
-    metrics, _ = evaluate_embeddings(ids, emb, build_protocol(hand_pairs()), ks=[1, 1000])
+    metrics, _ = evaluate_embeddings(ids, emb, build_protocol(hand_pairs(), pool="targets"), ks=[1, 1000])
     table = markdown_table({"both": metrics, "text": metrics})
     lines = table.strip().splitlines()
     assert lines[0] == ("| model | all R@1 | all R@1k | short_query R@1 | short_query R@1k | "
                         "short_target R@1 | short_target R@1k | queries | pool |")
-    assert lines[2] == "| both | 50.00 | n/a | 100.00 | n/a | 50.00 | n/a | 4 | 4 |"
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[0] == "both" and cells[1].startswith("50.0 (") and cells[2] == "n/a"  # value (95 % interval)
+    assert cells[3].startswith("100.0") and cells[5].startswith("50.0 (") and cells[-2:] == ["4", "4 (targets)"]
     assert len(lines) == 4
     assert [k_label(k) for k in (10, 100, 1000, 10000, 10**6)] == ["10", "100", "1k", "10k", "1M"]
 
 
 class _DotModel(torch.nn.Module):
-    """Stand-in model: embedding = mean of the unmasked token ids + image flag (tracks mode too)."""
+    """Stand-in model: embedding = mean of the unmasked token ids, image flag, mode, mean pixel."""
 
     def forward(self, input_ids, attention_mask, pixel_values=None, has_image=None):
         from types import SimpleNamespace
@@ -168,7 +205,9 @@ class _DotModel(torch.nn.Module):
         text = (input_ids.float() * m).sum(1) / m.sum(1)
         img = has_image.float() if has_image is not None else torch.zeros(len(input_ids))
         mode = torch.full_like(text, float(self.training))
-        return SimpleNamespace(multimodal=torch.stack([text, img, mode], dim=1), visual=None, log_scale=torch.tensor(3.0))
+        pix = pixel_values.float().flatten(1).mean(1) if pixel_values is not None else torch.zeros(len(input_ids))
+        return SimpleNamespace(multimodal=torch.stack([text, img, mode, pix], dim=1), visual=None,
+                               log_scale=torch.tensor(3.0))
 
 
 def test_embed_notes_local_batches_and_restores_mode():
@@ -177,18 +216,20 @@ def test_embed_notes_local_batches_and_restores_mode():
         "note_id": torch.arange(100, 100 + n),
         "input_ids": torch.arange(n * 3).view(n, 3),
         "attention_mask": torch.ones(n, 3, dtype=torch.long),
-        "pixel_values": torch.zeros(n, 3, 4, 4, dtype=torch.uint8),
+        "pixel_values": torch.full((n, 3, 4, 4), 7, dtype=torch.uint8),
         "has_image": torch.ones(n, dtype=torch.bool),
     }
     model = _DotModel().train()
     ids, emb = embed_notes_local(model, notes, "cpu", batch_size=3)
     assert model.training  # restored
     assert ids.tolist() == list(range(100, 100 + n))
-    assert emb.shape == (n, 3) and (emb[:, 2] == 0).all()  # ran in eval mode
+    assert emb.shape == (n, 4) and (emb[:, 2] == 0).all()  # ran in eval mode
     ids2, emb2 = embed_notes_local(model, [{k: v[:4] for k, v in notes.items()}, {k: v[4:] for k, v in notes.items()}], "cpu", 2)
     assert torch.equal(ids, ids2) and torch.equal(emb, emb2)
     _, emb_text = embed_notes_local(model, notes, "cpu", 3, modality="text")
-    assert (emb_text[:, 1] == 0).all() and (emb[:, 1] == 1).all()
+    # the text ablation blanks the pixels but keeps the image path (has_image) on
+    assert (emb_text[:, 3] == 0).all() and (emb[:, 3] == 7).all()
+    assert (emb_text[:, 1] == 1).all() and (emb[:, 1] == 1).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,18 +275,24 @@ def test_validation_recall_runs_and_modalities_differ(tiny_run):
     results = {m: validation_recall(tiny_run.model, tiny_run.data_dir, cfg, "cpu", modality=m, return_per_query=True)
                for m in ("both", "image", "text")}
     metrics, per_query = results["both"]
-    assert set(metrics) >= {"all", "short_query", "short_target", "num_queries", "pool_size", "num"}
-    assert metrics["num_queries"] == len(per_query) > 0
+    assert set(metrics) >= {"all", "short_query", "short_target", "num_queries", "pool_size", "num", "ci95"}
+    assert metrics["split"] == "val" and metrics["pool"] == "catalog"
+    assert metrics["pool_size"] == cfg.data.num_notes - metrics["num_queries"]  # catalogue minus queries
+    assert metrics["num_queries"] == int((per_query["subset"] == "all").sum()) > 0
     assert metrics["all"]["R@100000"] is None  # K beyond the pool: not applicable
     for subset in ("all", "short_query", "short_target"):
         assert set(metrics[subset]) == {f"R@{k}" for k in cfg.eval.ks}
     assert 0 < metrics["num"]["short_query"] < metrics["num_queries"]
     # The ablations change the note embeddings, hence the ranks.
-    ranks = {m: r[1]["rank"].to_numpy() for m, r in results.items()}
+    ranks = {m: r[1].loc[r[1]["subset"] == "all", "rank"].to_numpy() for m, r in results.items()}
     assert not np.array_equal(ranks["both"], ranks["image"])
     assert not np.array_equal(ranks["both"], ranks["text"])
     few = validation_recall(tiny_run.model, tiny_run.data_dir, cfg, "cpu", max_queries=5)
     assert few["num_queries"] == 5
+    test = validation_recall(tiny_run.model, tiny_run.data_dir, cfg, "cpu", split="test", return_per_query=True)
+    assert test[0]["split"] == "test"
+    # validation and test query notes are disjoint
+    assert not set(test[1]["query_id"]) & set(per_query["query_id"])
 
 
 def test_image_modality_is_refused_for_a_model_that_reads_no_image(tiny_run):
@@ -263,9 +310,10 @@ def test_image_modality_is_refused_for_a_model_that_reads_no_image(tiny_run):
 
 def test_identical_embeddings_warn_that_recall_is_meaningless(caplog):
     pairs = hand_pairs()
-    protocol = build_protocol(pairs)
+    protocol = build_protocol(pairs, pool="targets")
     ids = np.array([1, 2, 3, 4, 11, 12, 13, 14])
     with caplog.at_level("WARNING"):
         metrics, _ = evaluate_embeddings(ids, np.ones((8, 4), np.float32), protocol, [1])
-    assert metrics["all"]["R@1"] == 1.0  # every candidate ties: rank 0 under the strictly-higher rule
+    assert metrics["all"]["R@1"] == pytest.approx(1 / 4)  # every candidate ties: chance, K / |pool|
+    assert metrics["tied_fraction"] == 1.0
     assert "all 8 embeddings are identical" in caplog.text

@@ -11,11 +11,20 @@ import torch
 from core.metrics import (
     approximate_recall_at_k,
     approximate_target_ranks,
+    flatten_recall,
     format_recall,
+    format_recall_ci,
+    metric_key,
+    paired_recall_ci,
+    parse_metric_key,
+    query_hits,
     recall_at_k,
+    recall_ci,
     recall_from_ranks,
     recall_report,
+    target_rank_counts,
     target_ranks,
+    unflatten_recall,
 )
 
 
@@ -78,12 +87,94 @@ def test_chunked_equals_unchunked():
         assert torch.equal(target_ranks(q, c, t, chunk_size=cs, query_chunk_size=qs), full)
 
 
-def test_all_tied_pool_gives_rank_zero():
+def test_collapsed_model_scores_chance_not_one():
+    """All embeddings equal: every candidate ties with the target. Under expected ties Recall@K is
+    K / |pool| (the pre-0.2 strictly-higher rule gave 1.0); pessimistic gives 0, optimistic 1."""
     q = torch.ones(3, 4)
     c = torch.ones(10, 4)
     t = torch.tensor([0, 5, 9])
+    above, tied = target_rank_counts(q, c, t)
+    assert above.tolist() == [0, 0, 0] and tied.tolist() == [9, 9, 9]  # the target is no tie of itself
     assert target_ranks(q, c, t).tolist() == [0, 0, 0]
-    assert recall_at_k(q, c, t, [1]) == {1: 1.0}
+    assert recall_at_k(q, c, t, [1, 3])[1] == pytest.approx(1 / 10)
+    assert recall_at_k(q, c, t, [1, 3])[3] == pytest.approx(3 / 10)
+    assert recall_at_k(q, c, t, [1], ties="pessimistic") == {1: 0.0}
+    assert recall_at_k(q, c, t, [1], ties="optimistic") == {1: 1.0}
+
+
+def brute_force_tie_counts(q, c, t):
+    scores = q.double() @ c.double().T  # [Q, C]
+    tgt = scores[torch.arange(len(t)), t][:, None]
+    tied = (scores == tgt).sum(dim=1) - 1  # minus the target itself
+    return (scores > tgt).sum(dim=1), tied
+
+
+def expected_recall_by_enumeration(above: int, tied: int, k: int) -> float:
+    """Average hit over every place the target can take among its tied block (uniform tie-breaking)."""
+    return sum(1.0 for place in range(tied + 1) if above + place < k) / (tied + 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tie_counts_and_expected_recall_match_enumeration(seed):
+    q, c, t = tied_data(seed)
+    above, tied = target_rank_counts(q, c, t, chunk_size=29, query_chunk_size=6)
+    want_above, want_tied = brute_force_tie_counts(q, c, t)
+    assert torch.equal(above, want_above) and torch.equal(tied, want_tied)
+    assert int(tied.sum()) > 0  # the data really has ties
+    for k in (1, 3, 10, 50):
+        hits = query_hits(above, tied, k)
+        want = [expected_recall_by_enumeration(int(a), int(e), k) for a, e in zip(above, tied)]
+        assert hits.tolist() == pytest.approx(want, abs=1e-12)
+        assert (query_hits(above, tied, k, "pessimistic") <= hits).all()
+        assert (hits <= query_hits(above, tied, k, "optimistic")).all()
+    with pytest.raises(ValueError, match="ties="):
+        query_hits(above, tied, 1, "random")
+
+
+def test_bootstrap_interval_covers_true_recall():
+    """200 simulated replicates of 150 queries with true per-query hit rate 0.3: the 95 % interval
+    covers 0.3 in at least 90 % of them (the percentile bootstrap is near-nominal at this size)."""
+    rng = np.random.default_rng(7)
+    covered = 0
+    for rep in range(200):
+        hits = (rng.random(150) < 0.3).astype(np.float64)
+        lo, hi = recall_ci(hits, n_boot=500, seed=rep)
+        assert lo <= hits.mean() <= hi
+        covered += lo <= 0.3 <= hi
+    assert covered >= 180, covered
+    assert recall_ci(np.ones(20)) == (1.0, 1.0)
+    assert all(math.isnan(v) for v in recall_ci(np.zeros(0)))
+    assert recall_ci(hits, seed=3) == recall_ci(hits, seed=3)  # seeded: reproducible
+
+
+def test_paired_interval_sees_a_small_consistent_gain():
+    """Model a beats b on 10 of 200 queries and never loses: the paired interval excludes zero
+    although the two unpaired intervals overlap."""
+    rng = np.random.default_rng(0)
+    b = (rng.random(200) < 0.5).astype(np.float64)
+    a = b.copy()
+    a[np.flatnonzero(b == 0)[:10]] = 1.0
+    lo, hi = paired_recall_ci(a, b)
+    assert 0.0 < lo <= 0.05 <= hi
+    (alo, ahi), (blo, bhi) = recall_ci(a), recall_ci(b)
+    assert alo < bhi  # unpaired intervals overlap
+    with pytest.raises(ValueError, match="align"):
+        paired_recall_ci(a, b[:-1])
+
+
+def test_metric_keys_have_one_home():
+    assert metric_key("all", 10) == "R@10" and metric_key("short_query", 100) == "short_query/R@100"
+    assert parse_metric_key("short_target/R@5") == ("short_target", 5)
+    assert parse_metric_key("all/R@5") == ("all", 5) and parse_metric_key("loss") is None
+    nested = {"all": {"R@10": 0.5, "R@1000": None}, "short_query": {"R@10": 0.25}, "num_queries": 4}
+    flat = flatten_recall(nested)
+    assert flat == {"R@10": 0.5, "short_query/R@10": 0.25}
+    assert unflatten_recall(flat) == {"all": {"R@10": 0.5}, "short_query": {"R@10": 0.25}}
+    assert unflatten_recall({"val/R@10": 0.1, "test/R@10": 0.2}, prefix="test/") == {"all": {"R@10": 0.2}}
+    with pytest.raises(ValueError, match="subset"):
+        metric_key("long_query", 10)
+    assert format_recall_ci(0.312, [0.271, 0.354]) == "31.2 (27.1–35.4)"
+    assert format_recall_ci(None, [0.1, 0.2]) == "n/a"
 
 
 def test_hand_made_ranks():
@@ -92,7 +183,9 @@ def test_hand_made_ranks():
     c = torch.tensor([[3.0, 0.0], [1.0, 0.0], [2.0, 5.0], [2.0, -5.0]])
     assert target_ranks(q, c, torch.tensor([2])).tolist() == [1]
     assert target_ranks(q, c, torch.tensor([1])).tolist() == [3]
-    assert recall_at_k(q, c, torch.tensor([2]), [1, 2]) == {1: 0.0, 2: 1.0}
+    # candidate 3 ties the target's score 2: under expected ties the target takes place 2 or 3
+    assert recall_at_k(q, c, torch.tensor([2]), [1, 2, 3]) == {1: 0.0, 2: 0.5, 3: 1.0}
+    assert recall_at_k(q, c, torch.tensor([2]), [1, 2], ties="optimistic") == {1: 0.0, 2: 1.0}
 
 
 def test_k_beyond_pool_is_one_in_contract_but_na_in_report():

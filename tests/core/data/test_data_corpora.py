@@ -210,8 +210,9 @@ def _shape_colour(notes) -> np.ndarray:
 def test_synthetic_short_notes_lose_recall_without_the_image(tmp_path):
     """The property the synthetic corpus exists for: text alone serves long queries but leaves
     short ones near chance (their text is a shared filler title), while what the image shows
-    (here only the shape's colour) recovers short queries. Seeded, so the figures are fixed:
-    text R@10 0.39 all / 0.11 short-query; image colour 0.33 short-query (18 short queries)."""
+    (here only the shape's colour) recovers short queries. Seeded, so the figures are fixed (test
+    split, reduced `targets` pool of 68): text R@10 0.37 all / 0.20 short-query; image colour 0.45
+    short-query (20 short queries)."""
     import torch
 
     from core.evaluation import build_protocol, evaluate_embeddings
@@ -219,7 +220,7 @@ def test_synthetic_short_notes_lose_recall_without_the_image(tmp_path):
     prepare("synthetic", tmp_path, num_notes=400, seed=0)
     notes = pq.read_table(tmp_path / "notes.parquet").to_pylist()
     ids = np.array([n["note_id"] for n in notes])
-    protocol = build_protocol(pq.read_table(tmp_path / "pairs_test.parquet").to_pandas())
+    protocol = build_protocol(pq.read_table(tmp_path / "pairs_test.parquet").to_pandas(), pool="targets")
     rng = np.random.default_rng(0)
 
     def recall(features):
@@ -230,5 +231,5 @@ def test_synthetic_short_notes_lose_recall_without_the_image(tmp_path):
 
     text, image = recall(_bag_of_words(notes)), recall(_shape_colour(notes))
     assert text["num"]["short_query"] >= 10, text["num"]
-    assert text["all"]["R@10"] >= text["short_query"]["R@10"] + 0.2, text  # text works, except on short notes
-    assert image["short_query"]["R@10"] >= text["short_query"]["R@10"] + 0.15, (text, image)
+    assert text["all"]["R@10"] >= text["short_query"]["R@10"] + 0.15, text  # text works, except on short notes
+    assert image["short_query"]["R@10"] >= text["short_query"]["R@10"] + 0.2, (text, image)

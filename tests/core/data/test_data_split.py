@@ -2,6 +2,7 @@
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from core.data.split import dedupe_test_pairs, flag_short, is_short_text, split_pairs
 
@@ -15,17 +16,26 @@ def random_pairs(n=600, notes=120, seed=0):
 
 def test_split_has_no_leakage_and_is_seeded():
     pairs = random_pairs()
-    train, test, stats = split_pairs(pairs, test_fraction=0.2, seed=3)
-    test_q = set(test["query_id"].to_pylist())
-    assert test_q and train.num_rows
-    assert not test_q & set(train["query_id"].to_pylist())
-    assert not test_q & set(train["target_id"].to_pylist())
-    assert train.num_rows + test.num_rows + stats["dropped_leaky"] == pairs.num_rows
-    assert stats["test_queries"] == round(0.2 * len(set(pairs["query_id"].to_pylist())))
-    again, _, _ = split_pairs(pairs, test_fraction=0.2, seed=3)
-    assert again.equals(train)
-    other, _, _ = split_pairs(pairs, test_fraction=0.2, seed=4)
+    train, val, test, stats = split_pairs(pairs, test_fraction=0.2, val_fraction=0.1, seed=3)
+    test_q, val_q = set(test["query_id"].to_pylist()), set(val["query_id"].to_pylist())
+    assert test_q and val_q and train.num_rows
+    assert not test_q & val_q  # disjoint held-out query sets
+    for held in (test_q, val_q):
+        assert not held & set(train["query_id"].to_pylist())
+        assert not held & set(train["target_id"].to_pylist())
+    assert not test_q & set(val["target_id"].to_pylist())  # choosing never sees a test query
+    assert (train.num_rows + val.num_rows + test.num_rows + stats["dropped_leaky"] + stats["dropped_val_leaky"]
+            == pairs.num_rows)
+    n_queries = len(set(pairs["query_id"].to_pylist()))
+    assert stats["test_queries"] == round(0.2 * n_queries) and stats["val_queries"] == round(0.1 * n_queries)
+    again, again_val, _, _ = split_pairs(pairs, test_fraction=0.2, val_fraction=0.1, seed=3)
+    assert again.equals(train) and again_val.equals(val)
+    other, _, _, _ = split_pairs(pairs, test_fraction=0.2, val_fraction=0.1, seed=4)
     assert not other.equals(train)
+    no_val, empty_val, _, _ = split_pairs(pairs, test_fraction=0.2, seed=3)
+    assert empty_val.num_rows == 0 and no_val.num_rows > train.num_rows
+    with pytest.raises(ValueError, match="must be < 1"):
+        split_pairs(pairs, test_fraction=0.6, val_fraction=0.4, seed=0)
 
 
 def test_greedy_dedupe_each_note_once():
