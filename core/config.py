@@ -23,6 +23,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from core.metrics import TIES, parse_metric_key
+
 PROMPT_MODES = ("text", "basic", "micl")
 CONNECTORS = ("qformer", "mlp")
 LANGUAGES = ("en", "zh")
@@ -33,8 +35,7 @@ NAN_POLICIES = ("skip", "stop")
 MODALITIES = ("both", "image", "text")
 EVAL_POOLS = ("catalog", "official", "targets")
 """Candidate pools of the evaluation protocol (`core.evaluation.build_protocol`)."""
-TIE_POLICIES = ("expected", "pessimistic", "optimistic")
-"""How Recall@K counts candidates tied with the target (`core.metrics.query_hits`)."""
+TIE_POLICIES = TIES
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]*")
 
 
@@ -219,9 +220,9 @@ class DataConfig:
     corpus: str = "synthetic"
     """Corpus adapter used by `rayjobs.prepare_data` when `path` has no prepared data: `synthetic`, `tuxpaint`, `movielens`, `qilin`."""
     path: str = "runs/data/synthetic"
-    """Prepared data directory (notes.parquet, pairs_train.parquet, pairs_test.parquet); local, NFS, s3:// or gs://."""
-    num_notes: int = 400
-    """Synthetic corpus size (the synthetic adapter only)."""
+    """Prepared data directory (notes.parquet, pairs_train/val/test.parquet); local, NFS, s3:// or gs://."""
+    num_notes: int | None = 400
+    """Corpus size: the synthetic corpus's size, or a seeded subset of a real corpus; null keeps the whole real corpus."""
     short_text_chars: int = 20
     """A note whose title+content is shorter than this is 'short' (the short-query / short-target subsets)."""
     preprocess_actors: int = 1
@@ -234,7 +235,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         s = "data"
         _check_choice(s, "corpus", self.corpus, ("synthetic", "tuxpaint", "movielens", "qilin"))
-        _check_range(s, "num_notes", self.num_notes, lo=4)
+        if self.num_notes is not None:
+            _check_range(s, "num_notes", self.num_notes, lo=4)
         _check_range(s, "short_text_chars", self.short_text_chars, lo=0)
         _check_range(s, "preprocess_actors", self.preprocess_actors, lo=1)
         _check_choice(s, "pair_join", self.pair_join, ("auto", "broadcast", "shuffle"))
@@ -336,8 +338,7 @@ class EvalConfig:
         s = "eval"
         if not isinstance(self.ks, list) or not self.ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.ks):
             _fail(s, "ks", self.ks, "a non-empty list of integers >= 1")
-        subset, _, name = self.metric.rpartition("/")
-        if subset not in ("", "short_query", "short_target") or not name.startswith("R@") or not name[2:].isdigit():
+        if parse_metric_key(self.metric) is None:
             _fail(s, "metric", self.metric, "'R@<k>', 'short_query/R@<k>' or 'short_target/R@<k>'")
         _check_range(s, "batch_size", self.batch_size, lo=1)
         _check_range(s, "chunk_size", self.chunk_size, lo=1)

@@ -543,7 +543,7 @@ def check_modality(model_cfg, modality: str) -> None:
 
 def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | None = None, *,
                       modality: str = "both", split: str = "val", pool: str | None = None, preprocessor=None,
-                      return_per_query: bool = False):
+                      return_per_query: bool = False, kind: str = "multimodal"):
     """Recall@K on held-out pairs, in-process (the training loop's validation; the demo's final tables).
 
     Reads pairs_<split>.parquet and notes.parquet from `data_dir`, preprocesses the needed notes
@@ -562,13 +562,16 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
         pool: `catalog`, `official` or `targets`; default `run_cfg.eval.pool`.
         preprocessor: reuse a `NotePreprocessor` (it holds a tokenizer); built from run_cfg otherwise.
         return_per_query: also return the per-query DataFrame.
+        kind: `multimodal` (the note embedding), `visual` (mICL slot) or `image-features`
+            (the raw frozen vision feature: the no-training baseline).
 
     Returns:
         The metrics dict of `evaluate_embeddings` (and the per-query frame if asked).
     """
     from core.data.pipeline import IMAGE_COLUMNS, TEXT_COLUMNS, NotePreprocessor, needs_image
 
-    check_modality(run_cfg.model, modality)
+    if kind != "image-features":
+        check_modality(run_cfg.model, modality)
     pool = pool or run_cfg.eval.pool
     pairs = read_pairs(data_dir, split)
     all_ids = read_notes(data_dir, columns=["note_id"])["note_id"].to_numpy() if pool == "catalog" else None
@@ -578,7 +581,7 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
     raw = read_notes(data_dir, protocol.needed_ids(), columns=columns)
     notes = preprocess_notes_local(raw, prep)
     blank = blank_text_prompt(prep.tokenizer, run_cfg.model) if modality == "image" else None
-    ids, emb = embed_notes_local(model, notes, device, run_cfg.eval.batch_size, modality=modality,
+    ids, emb = embed_notes_local(model, notes, device, run_cfg.eval.batch_size, kind=kind, modality=modality,
                                  blank_ids=blank, pad_id=_pad_id(prep.tokenizer))
     metrics, per_query = evaluate_embeddings(ids, emb, protocol, run_cfg.eval.ks, run_cfg.eval.chunk_size,
                                              ties=run_cfg.eval.ties)

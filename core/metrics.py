@@ -39,13 +39,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from core.config import TIE_POLICIES as TIES
-
 NOT_APPLICABLE = "n/a"
+TIES = ("expected", "pessimistic", "optimistic")
+"""How Recall@K counts candidates tied with the target (`query_hits`)."""
 SUBSETS = ("all", "short_query", "short_target")
 """Query subsets: all pairs, pairs with a short query note, pairs with a short target note."""
 SPLIT_PREFIXES = {"val": "val/", "test": "test/"}
 """Column prefixes of the leaderboard: validation (what chooses) and test (read once, reported)."""
+CI_SUFFIXES = (" lo", " hi")
+"""Flat names of a recall's 95 % interval bounds: "R@10 lo", "R@10 hi"."""
 RECALL_KEY = re.compile(r"^(?:(short_query|short_target)/)?R@(\d+)$")
 """A reported recall key: `R@<k>` (all pairs) or `<short subset>/R@<k>`."""
 
@@ -71,6 +73,18 @@ def flatten_recall(metrics: Mapping) -> dict[str, float]:
             parsed = parse_metric_key(key)
             if value is not None and parsed is not None:
                 out[metric_key(subset, parsed[1])] = float(value)
+    return out
+
+
+def flatten_recall_ci(metrics: Mapping) -> dict[str, float]:
+    """{"ci95": {"all": {"R@10": [lo, hi]}}} -> {"R@10 lo": lo, "R@10 hi": hi} (None dropped)."""
+    out = {}
+    for subset in SUBSETS:
+        for key, ci in ((metrics.get("ci95") or {}).get(subset) or {}).items():
+            parsed = parse_metric_key(key)
+            if ci is not None and parsed is not None:
+                name = metric_key(subset, parsed[1])
+                out[name + CI_SUFFIXES[0]], out[name + CI_SUFFIXES[1]] = float(ci[0]), float(ci[1])
     return out
 
 

@@ -8,15 +8,21 @@
 Stages (each prints progress and an ETA):
   1. data      prepare the Tux Paint corpus (real photos/drawings + captions; simulated clicks)
   2. sweep     a small Ray Tune + Optuna sweep over L, alpha and tau (search_spaces/demo.yaml)
-  3. baseline  evaluate the untrained NoteLLM-2 model (image / text / both); not with --quick
+  3. baseline  no-training rows: the untrained NoteLLM-2 (image / text / both) and the raw frozen
+               vision feature; not with --quick
   4. ablation  the paper's ablation at the sweep's best trial (its config, written to
                ablation_base.yaml, with one switch changed per run): basic MLRM, + mICL,
                + late fusion, NoteLLM-2 (both), only late fusion, text-only. The variant equal
                to the best trial (NoteLLM-2: the demo sweep keeps mICL + late fusion) is that
                trial's run, not trained again.
-  5. evaluate  each ablation run with the modality ablation: image only and text only on its
-               export; `both` is the run's own final validation (same weights, same pairs)
-  6. report    ablation.md / ablation.json and the leaderboard (csv, md, html) over everything
+  5. evaluate  each ablation run on the *test* split (read here only), with the modality
+               ablation (both / image only / text only) on its export
+  6. report    ablation.md / ablation.json (recall with 95 % intervals, paired differences
+               against basic MLRM, the untrained model and the raw vision feature) and the
+               leaderboard (csv, md, html) over everything
+
+Everything that chooses (the sweep's trials, its best trial = the ablation's tuned point) reads
+the validation split; the test split is read once, by stage 5 and the baselines.
 
 Rerunning resumes: finished runs are kept (their final_metrics.json), an interrupted sweep is
 resumed, an interrupted run continues from its last checkpoint. --quick writes to
@@ -34,6 +40,10 @@ from pathlib import Path
 import yaml
 
 from core.config import ConfigError, RunConfig, dump_run_config, load_run_config
+from core.data.pipeline import needs_image
+from core.evaluation import paired_difference, validation_recall
+from core.metrics import SUBSETS, format_recall_ci, parse_metric_key
+from rayjobs.leaderboard import TEST_METRICS_FILE
 from search_spaces.schema import SweepError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,47 +99,43 @@ def variant_config(config: str | Path, base_overrides: list[str], name: str, ove
 
 
 def evaluate_modalities(final: dict, data_dir: str) -> dict:
-    """Recall per modality of one finished run: `both` is the run's own final validation (same
-    weights, same test pairs), `image` and `text` are measured on its export in-process."""
+    """Test recall per modality of one finished run, measured once on its export (the run was
+    chosen on validation; this is the only read of the test pairs). Writes the `both` metrics
+    to the run's test_metrics.json for the leaderboard. Returns {modality: (metrics, per_query)}."""
     import torch
 
     from core.checkpoint import load_export
-    from core.evaluation import validation_recall
 
     model, _, cfg = load_export(final["export"])
     model.eval()
     with torch.no_grad():
-        measured = {m: validation_recall(model, data_dir, cfg, "cpu", modality=m) for m in _modalities(cfg) if m != "both"}
-    return {"both": final_recall(final), **measured}
-
-
-def final_recall(final: dict) -> dict:
-    """final_metrics.json's flat `R@k` / `<subset>/R@k` keys in evaluate_embeddings' layout."""
-    by_subset = {}
-    for subset in ("all", "short_query", "short_target"):
-        prefix = "" if subset == "all" else f"{subset}/"
-        by_subset[subset] = {key[len(prefix):]: value for key, value in final.items()
-                             if key.startswith(prefix + "R@")} or None
-    return by_subset
+        out = {m: validation_recall(model, data_dir, cfg, "cpu", modality=m, split="test", return_per_query=True)
+               for m in _modalities(cfg)}
+    if final.get("run_dir") and "://" not in str(final["run_dir"]):
+        (Path(final["run_dir"]) / TEST_METRICS_FILE).write_text(json.dumps(out["both"][0], indent=2))
+    return out
 
 
 def _modalities(cfg: RunConfig) -> tuple[str, ...]:
     """`image` only applies to a model that reads images (the text-only variant's row is n/a)."""
-    from core.data.pipeline import needs_image
-
     return MODALITIES if needs_image(cfg.model) else tuple(m for m in MODALITIES if m != "image")
 
 
-def evaluate_untrained(cfg: RunConfig) -> dict:
+def evaluate_untrained(cfg: RunConfig) -> tuple[dict, dict]:
+    """No-training rows on the test split: the untrained NoteLLM-2 per modality, and the raw
+    frozen vision feature (pooled MobileNetV2, what late fusion hands the model)."""
     import torch
 
-    from core.evaluation import validation_recall
     from core.model.builders import build_model
 
     model, _ = build_model(cfg.model, cfg.loss, seed=cfg.train.seed)
     model.eval()
     with torch.no_grad():
-        return {m: validation_recall(model, cfg.data.path, cfg, "cpu", modality=m) for m in _modalities(cfg)}
+        untrained = {m: validation_recall(model, cfg.data.path, cfg, "cpu", modality=m, split="test",
+                                          return_per_query=True) for m in _modalities(cfg)}
+        vision = {"both": validation_recall(model, cfg.data.path, cfg, "cpu", split="test", return_per_query=True,
+                                            kind="image-features")}
+    return untrained, vision
 
 
 def finished_run(cfg: RunConfig) -> dict | None:
@@ -169,22 +175,56 @@ def _show(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def ablation_markdown(results: dict, ks: list[int]) -> str:
-    """Rows = variant x modality, columns = R@K (all / short query / short target), plus the paper."""
-    from core.metrics import format_recall
-
-    subsets = ("all", "short_query", "short_target")
-    head = ["variant", "modality"] + [f"{s} R@{k}" for s in subsets for k in ks] + ["paper all / short-query R@100"]
+def ablation_markdown(results: list, ks: list[int]) -> str:
+    """Rows = variant x modality, columns = R@K with its 95 % interval (all / short query / short
+    target), plus the paper's figures. `results`: [(name, label, {modality: (metrics, per_query)})]."""
+    head = ["variant", "modality"] + [f"{s} R@{k}" for s in SUBSETS for k in ks] + ["paper all / short-query R@100"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, label, by_mod in results:
-        for m in MODALITIES:
-            metrics = by_mod.get(m) or {}
+        shown = [m for m in MODALITIES if m in by_mod] if name == "image_features" else MODALITIES
+        for m in shown:  # a modality a model cannot read (text-only's image) shows n/a
+            metrics = (by_mod.get(m) or ({}, None))[0]
             cells = [label if m == "both" else "", m]
-            cells += [format_recall((metrics.get(s) or {}).get(f"R@{k}")) for s in subsets for k in ks]
+            cells += [format_recall_ci((metrics.get(s) or {}).get(f"R@{k}"), ((metrics.get("ci95") or {}).get(s) or {}).get(f"R@{k}"))
+                      for s in SUBSETS for k in ks]
             paper = PAPER.get(name)
             cells.append(f"{paper[0]:.2f} / {paper[1]:.2f}" if paper and m == "both" else "")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+COMPARISONS = (  # (a, b, why): each claimed difference gets a paired interval on the same test queries
+    ("notellm2", "untrained", "does training help?"),
+    ("notellm2", "image_features", "does the model beat the raw vision feature it fuses?"),
+    ("micl", "basic", "paper: mICL over basic MLRM"),
+    ("late_fusion", "basic", "paper: late fusion over basic MLRM"),
+    ("notellm2", "basic", "paper: both over basic MLRM"),
+    ("only_late_fusion", "text_only", "late fusion alone over the text-only model"),
+)
+
+
+def comparisons(evaluated: list, k: int) -> tuple[str, dict]:
+    """Paired differences (a - b, `both` modality) at R@k on all pairs and short queries, in points."""
+    per_query = {name: by_mod["both"][1] for name, _, by_mod in evaluated if "both" in by_mod}
+    labels = {name: label for name, label, _ in evaluated}
+    lines = [f"| comparison | all R@{k} diff (95 % CI) | short-query R@{k} diff (95 % CI) | reading |", "|---|---|---|---|"]
+    out = {}
+    for a, b, why in COMPARISONS:
+        if a not in per_query or b not in per_query:
+            continue
+        diff = paired_difference(per_query[a], per_query[b], [k])
+        out[f"{a} - {b}"] = diff
+        cells, readings = [], []
+        for subset in ("all", "short_query"):
+            d = (diff.get(subset) or {}).get(f"R@{k}")
+            if d is None:
+                cells.append("n/a")
+                continue
+            lo, hi = d["ci95"]
+            cells.append(f"{100 * d['mean']:+.1f} ({100 * lo:+.1f} … {100 * hi:+.1f})")
+            readings.append(f"{subset}: " + ("a better" if lo > 0 else "b better" if hi < 0 else "within noise"))
+        lines.append(f"| {labels[a]} − {labels[b]} | {cells[0]} | {cells[1]} | {why} {'; '.join(readings)} |")
+    return "\n".join(lines) + "\n", out
 
 
 def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, space: str | Path = DEMO_SPACE) -> dict:
@@ -243,8 +283,9 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
 
     evaluated = []
     if not quick:
-        progress.say("baseline", "untrained NoteLLM-2 (no training), 3 modalities")
-        untrained = evaluate_untrained(resolve_paths(variant_config(config, base, "untrained", VARIANTS[3][2], out)))
+        progress.say("baseline", "no training on the test split: untrained NoteLLM-2 (3 modalities), raw vision feature")
+        untrained, vision = evaluate_untrained(resolve_paths(variant_config(config, base, "untrained", VARIANTS[3][2], out)))
+        evaluated.append(("image_features", "raw vision feature (no training)", vision))
         evaluated.append(("untrained", "untrained NoteLLM-2", untrained))
         progress.advance(0.7)
 
@@ -268,7 +309,7 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
     run_dirs = {}
     for i, (name, label, final) in enumerate(results, 1):
         others = [m for m in _modalities(RunConfig.from_dict(final["config"])) if m != "both"]
-        progress.say("evaluate", f"{i}/{len(results)}: {label}, modalities {', '.join(others)} (both: the run's own validation)")
+        progress.say("evaluate", f"{i}/{len(results)}: {label} on the test split, modalities both, {', '.join(others)}")
         evaluated.append((name, label, evaluate_modalities(final, probe.data.path)))
         run_dirs[name] = final.get("run_dir")
         progress.advance(per_eval)
@@ -276,16 +317,23 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
     progress.say("report", "ablation table and leaderboard")
     ks = probe.eval.ks
     table = ablation_markdown(evaluated, ks)
-    (out / "ablation.md").write_text(
-        f"Ablation on the {corpus} demo corpus ({'quick' if quick else 'full'} demo; recall in %, "
-        f"pool = test notes minus queries).\n\n{table}")
+    k = parse_metric_key(probe.eval.metric)[1]
+    diff_table, diffs = comparisons(evaluated, k)
+    first = evaluated[0][2]["both"][0] if evaluated and "both" in evaluated[0][2] else {}
+    header = (f"Ablation on the {corpus} demo corpus ({'quick' if quick else 'full'} demo). Every run was chosen "
+              f"on the validation split; these are test-split numbers, read once. Recall in % with 95 % bootstrap "
+              f"intervals over queries; {first.get('num_queries', '?')} test queries, {first.get('pool', '?')} pool of "
+              f"{first.get('pool_size', '?')} notes, {first.get('ties', '?')} ties; one seed per variant.")
+    (out / "ablation.md").write_text(f"{header}\n\n{table}\nPaired differences (a − b, points, same test queries):"
+                                     f"\n\n{diff_table}")
     (out / "ablation.json").write_text(json.dumps(
-        {name: {"label": label, "run_dir": run_dirs.get(name), "metrics": m} for name, label, m in evaluated},
+        {"variants": {name: {"label": label, "run_dir": run_dirs.get(name), "metrics": {m: v[0] for m, v in by_mod.items()}}
+                      for name, label, by_mod in evaluated}, "differences": diffs},
         indent=2, default=str))
     from rayjobs.leaderboard import write_leaderboard
 
     board = write_leaderboard(out, out_dir=out, metric=probe.eval.metric, mode="max")
-    print("\n" + table, flush=True)
+    print("\n" + header + "\n\n" + table + "\n" + diff_table, flush=True)
     print(f"[demo] done in {(time.time() - progress.started) / 60:.1f} min: {out / 'ablation.md'}, "
           f"{board['html']}", flush=True)
     return {"out": str(out), "ablation": evaluated, "sweep": sweep, "leaderboard": board}

@@ -1,4 +1,4 @@
-"""Evaluate a NoteLLM-2 model on the held-out pairs: Recall@K for all / short-query / short-target.
+"""Evaluate a NoteLLM-2 model on held-out pairs: Recall@K (95 % intervals) for all / short-query / short-target.
 
 Embeds every needed note (the test queries and the candidate pool) with Ray Data: `map_batches`
 with a callable class on a fixed actor pool, one model load per actor (a GPU each when there is
@@ -22,10 +22,15 @@ On a cluster:
         python -m rayjobs.evaluate --checkpoint /mnt/shared/runs/base/export \
         --data /mnt/shared/data/qilin --out /mnt/shared/eval/base.json --actors 8 --batch-size 64
 
+Reads the test split by default (`--split test`): run it on models already chosen on validation
+(`--split val` reads what choosing reads). The pool defaults to the whole catalogue minus the
+queries (`--pool catalog`); `official` and `targets` (reduced) are REFERENCE §7's others.
+
 Writes PATH.json = {"all": {"R@100": ...}, "short_query": {...}, "short_target": {...},
-"num_queries": ..., "num": {...}, "pool_size": ...} and next to it PATH.embeddings.parquet
-(note_id, embedding list<float>), PATH.per_query.parquet / .csv (query_id, target_id, rank,
-short flags) and PATH.md (the Markdown table).
+"ci95": {"all": {"R@100": [lo, hi]}, ...}, "split", "pool", "pool_size", "pool_sizes", "ties",
+"tied_fraction", "num_queries", "num": {...}} and next to it PATH.embeddings.parquet (note_id,
+embedding list<float>), PATH.per_query.parquet / .csv (subset, query_id, target_id, rank =
+candidates above the target, tied = candidates tied with it) and PATH.md (the Markdown table).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import MODALITIES
+from core.config import EVAL_POOLS, MODALITIES, TIE_POLICIES
 
 BASELINES = ("image-features",)
 INDEXES = ("exact", "hnsw", "ivf")
@@ -209,8 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=1, help="embedding actors (one model load each; one GPU each on GPU nodes)")
     p.add_argument("--batch-size", type=int, default=None, help="notes per embedding batch (default: eval.batch_size)")
     p.add_argument("--chunk-size", type=int, default=None, help="candidates scored at a time (default: eval.chunk_size)")
-    p.add_argument("--pool", choices=("test", "all"), default="test",
-                   help="candidates: test notes minus queries (official) or every note minus queries")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="held-out pairs to rank: test (final numbers of chosen models) or val (what choosing reads)")
+    p.add_argument("--pool", choices=EVAL_POOLS, default="catalog",
+                   help="candidates: every note minus the queries (catalog), the split's notes minus the queries "
+                        "(official), or the pairs' targets (targets: a reduced pool)")
+    p.add_argument("--ties", choices=TIE_POLICIES, default="expected",
+                   help="tied scores: expected recall under random tie-breaking, pessimistic or optimistic")
     p.add_argument("--index", choices=INDEXES, default="exact", help="exact ranks, or FAISS hnsw/ivf for huge pools")
     p.add_argument("--name", default=None, help="row name in the Markdown table (default: derived from the model)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray (ignored with RAY_ADDRESS)")
@@ -230,7 +240,7 @@ def check_args(args) -> str | None:
     if args.untrained and not Path(args.untrained).is_file():
         return f"--untrained {args.untrained}: no such config file"
     if not _is_remote(args.data):
-        for name in ("notes.parquet", "pairs_test.parquet"):
+        for name in ("notes.parquet", f"pairs_{args.split}.parquet"):
             if not (Path(args.data) / name).exists():
                 return f"--data {args.data}: {name} not found (prepare it with python -m rayjobs.prepare_data)"
     if not str(args.out).endswith(".json"):
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from core.config import ConfigError
-    from core.evaluation import build_protocol, check_modality, evaluate_embeddings, markdown_table, read_notes, read_test_pairs
+    from core.evaluation import build_protocol, check_modality, evaluate_embeddings, markdown_table, read_notes, read_pairs
 
     try:
         run_cfg = run_config_of(args.checkpoint, args.untrained)
@@ -265,14 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if kind == "multimodal":
             check_modality(run_cfg.model, args.modality)
-        pairs = read_test_pairs(args.data)
-        all_ids = read_notes(args.data, columns=["note_id"])["note_id"].to_numpy() if args.pool == "all" else None
+        pairs = read_pairs(args.data, args.split)
+        all_ids = read_notes(args.data, columns=["note_id"])["note_id"].to_numpy() if args.pool == "catalog" else None
         protocol = build_protocol(pairs, pool=args.pool, all_note_ids=all_ids)
-    except (DataError, ValueError) as err:
+    except (DataError, ValueError, FileNotFoundError) as err:
         print(f"rayjobs.evaluate: error: {err}".splitlines()[0], file=sys.stderr)
         return 2
     needed = protocol.needed_ids()
-    print(f"{protocol.num_queries} queries, pool of {len(protocol.pool_ids)} notes; embedding {len(needed)} notes "
+    print(f"{args.split}: {protocol.num_queries} queries, {args.pool} pool of {len(protocol.pool_ids)} notes; "
+          f"embedding {len(needed)} notes "
           f"with {args.actors} actor(s), modality={args.modality}, embedding={kind}", flush=True)
 
     default_cpus = max(os.cpu_count() or 1, args.actors + run_cfg.data.preprocess_actors + 1)
@@ -280,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     untrained = run_cfg.to_dict() if args.untrained else None
     ids, emb = embed_with_ray(args.data, run_cfg, needed, checkpoint=args.checkpoint, untrained=untrained, kind=kind,
                               modality=args.modality, actors=args.actors, batch_size=batch_size)
-    metrics, per_query = evaluate_embeddings(ids, emb, protocol, ks, chunk_size=chunk_size, index=args.index)
+    metrics, per_query = evaluate_embeddings(ids, emb, protocol, ks, chunk_size=chunk_size, index=args.index,
+                                             ties=args.ties)
+    metrics["split"] = args.split
     metrics["modality"] = args.modality
     metrics["embedding"] = kind
     metrics["index"] = args.index

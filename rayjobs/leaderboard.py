@@ -8,12 +8,21 @@ On a cluster (the storage must be readable by the job's driver, e.g. a shared fi
         python -m rayjobs.leaderboard --storage /mnt/shared/notellm2/tune/paper
 
 Sources, all found by walking the storage path:
-  * `final_metrics.json` of each Train run (written by `rayjobs.train.run_training`): a complete run;
+  * `final_metrics.json` of each Train run (written by `rayjobs.train.run_training`): a complete
+    run and its validation recall (columns `val/...`, what the ranking reads);
+  * `test_metrics.json` beside it (written by the demo's final evaluation, or by
+    `rayjobs.evaluate --out RUN/test_metrics.json`): test recall with 95 % intervals (columns
+    `test/...`), read for reporting only, never for ranking;
   * Tune trial directories (`result.json`, `progress.csv`): trials stopped early by ASHA, or
     interrupted, appear with their last validation; trials are joined to their runs by `run_dir`;
   * learning curves: `history` in the run's last checkpoint `state.json`, else Tune's progress.csv.
 A corrupt `final_metrics.json`, or a run directory without one and without a Tune trial, is
 skipped, counted and printed; it never stops the leaderboard.
+
+Rows are ranked by the validation metric and say so. A `kind` column tells sweep trials (a Tune
+trial id) from single runs (ablation variants, baselines); the plots of a knob show only trials.
+Recall cells carry their 95 % bootstrap interval where the run recorded one (CSV: `<col> lo` and
+`<col> hi` columns; HTML: error bars).
 
 Writes `leaderboard.csv`, `leaderboard.md` and a self-contained `leaderboard.html` (no network:
 inline CSS and SVG plots of recall vs alpha, L and tau init, and per-run loss curves).
@@ -26,7 +35,6 @@ import csv
 import html
 import json
 import math
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,8 +42,10 @@ from typing import Any
 
 import yaml
 
-RECALL_KEY = re.compile(r"^(?:(short_query|short_target)/)?R@(\d+)$")
-SUBSETS = ("", "short_query", "short_target")
+from core.metrics import CI_SUFFIXES, SPLIT_PREFIXES, SUBSETS, flatten_recall, flatten_recall_ci, parse_metric_key
+
+TEST_METRICS_FILE = "test_metrics.json"
+"""A run directory's final test evaluation (`core.evaluation.evaluate_embeddings` metrics)."""
 CONFIG_COLUMNS = (  # column -> (section, key) in the RunConfig dict; L, alpha, temperature_init are public names
     ("L", ("model", "num_visual_tokens")),
     ("alpha", ("loss", "alpha")),
@@ -122,9 +132,11 @@ def _row(run_name: str, run_dir: Path, metrics: dict, config: dict, status: str)
         row["lora_rank"] = None  # full fine-tune: the rank means nothing
     row["temperature_final"] = metrics.get("temperature")
     row["loss"] = metrics.get("loss")
-    for key, value in metrics.items():
-        if RECALL_KEY.match(key) and isinstance(value, (int, float)):
-            row[key] = float(value)
+    val = SPLIT_PREFIXES["val"]
+    for key, value in metrics.items():  # a run reports validation recall (and its interval) unprefixed
+        base = key.removesuffix(CI_SUFFIXES[0]).removesuffix(CI_SUFFIXES[1])
+        if parse_metric_key(base) is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[val + key] = float(value)
     row["steps"] = metrics.get("steps", metrics.get("step"))
     row["wall_seconds"] = metrics.get("wall_seconds", metrics.get("time_total_s"))
     row["checkpoint"] = metrics.get("checkpoint", metrics.get("checkpoint_path"))
@@ -149,6 +161,7 @@ def collect_runs(storage: str | Path) -> tuple[list[dict], list[tuple[str, str]]
         name = (final["config"].get("train") or {}).get("name") or run_dir.name
         row = _row(name, run_dir, final, final["config"], "complete")
         row["history"] = _history_from_checkpoints(run_dir, final.get("checkpoint"))
+        _add_test_metrics(row, run_dir, skipped)
         rows[str(run_dir.resolve())] = row
 
     for result_json in sorted(root.rglob("result.json")):
@@ -178,12 +191,30 @@ def collect_runs(storage: str | Path) -> tuple[list[dict], list[tuple[str, str]]
         row["history"] = _history_from_checkpoints(run_dir, last.get("checkpoint_path")) or _history_from_progress(trial_dir)
         rows[key] = row
 
+    for row in rows.values():
+        row["kind"] = "trial" if row.get("trial_id") else "run"
     known = set(rows) | {str(Path(p).parent.resolve()) for p, _ in skipped}
     run_dirs = {p.parent for p in root.rglob("run_config.yaml")} | {p.parent for p in root.rglob("checkpoint_*") if p.is_dir()}
     for run_dir in sorted(run_dirs):
         if str(run_dir.resolve()) not in known and not (run_dir / "final_metrics.json").exists():
             skipped.append((str(run_dir), "run directory without final_metrics.json"))
     return list(rows.values()), skipped
+
+
+def _add_test_metrics(row: dict, run_dir: Path, skipped: list) -> None:
+    """`test/...` columns (value, lo, hi) from the run's test_metrics.json, when it has one."""
+    path = run_dir / TEST_METRICS_FILE
+    if not path.is_file():
+        return
+    try:
+        metrics = _read_json(path)
+        flat = {**flatten_recall(metrics), **flatten_recall_ci(metrics)}
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        skipped.append((str(path), f"unreadable test metrics ({str(err)[:80]}); the run is listed without them"))
+        return
+    test = SPLIT_PREFIXES["test"]
+    row.update({test + k: v for k, v in flat.items()})
+    row["test_pool"] = f"{metrics.get('pool', '')} {metrics.get('pool_size', '')}".strip()
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -206,7 +237,13 @@ def resolve_metric(storage: str | Path, rows: list[dict], metric: str | None, mo
         metric = common[0][0] if common else "R@100"
     if metric.startswith("all/"):
         metric = metric[len("all/"):]  # configs say all/R@k; workers report all-pairs recall as R@k
-    return metric, mode or ("min" if metric == "loss" else "max")
+    for prefix in SPLIT_PREFIXES.values():
+        metric = metric.removeprefix(prefix)
+    if metric == "loss":
+        return metric, mode or "min"
+    if parse_metric_key(metric) is None:
+        raise ValueError(f"ranking metric {metric!r}: allowed 'loss', 'R@<k>', 'short_query/R@<k>', 'short_target/R@<k>'")
+    return SPLIT_PREFIXES["val"] + metric, mode or "max"  # choosing reads validation only
 
 
 def rank_rows(rows: list[dict], metric: str, mode: str) -> list[dict]:
@@ -223,22 +260,46 @@ def rank_rows(rows: list[dict], metric: str, mode: str) -> list[dict]:
     return ranked
 
 
+def _split_key(column: str) -> tuple[str, str, int] | None:
+    """"test/short_query/R@10" -> ("test", "short_query", 10); None for other columns."""
+    for split, prefix in SPLIT_PREFIXES.items():
+        if column.startswith(prefix):
+            parsed = parse_metric_key(column[len(prefix):])
+            return (split, *parsed) if parsed else None
+    return None
+
+
 def recall_columns(rows: list[dict]) -> list[str]:
-    keys = {k for r in rows for k in r if RECALL_KEY.match(k)}
+    """val/... then test/... recall columns, by subset then K (intervals are separate columns)."""
+    keys = {k for r in rows for k in r if _split_key(k)}
+    splits = list(SPLIT_PREFIXES)
 
     def order(k):
-        subset, kk = RECALL_KEY.match(k).groups()
-        return SUBSETS.index(subset or ""), int(kk)
+        split, subset, kk = _split_key(k)
+        return splits.index(split), SUBSETS.index(subset), kk
 
     return sorted(keys, key=order)
 
 
 def columns(rows: list[dict], metric: str) -> list[str]:
-    cols = ["rank", "run", "trial_id", "status", metric]
+    cols = ["rank", "run", "kind", "trial_id", "status", metric]
     cols += [c for c, _ in CONFIG_COLUMNS] + ["temperature_final"] + [c for c, _ in MORE_CONFIG]
     cols += [c for c in recall_columns(rows) if c != metric]
+    cols += ["test_pool"] if any(r.get("test_pool") for r in rows) else []
     cols += ["loss", "steps", "wall_seconds", "checkpoint"]
     return cols
+
+
+def _interval(row: dict, column: str) -> tuple[float, float] | None:
+    lo, hi = row.get(column + CI_SUFFIXES[0]), row.get(column + CI_SUFFIXES[1])
+    return (lo, hi) if _finite(lo) and _finite(hi) else None
+
+
+def _cell(row: dict, column: str) -> str:
+    """A table cell; recall with a recorded interval reads "0.31 (0.27–0.35)"."""
+    text = _fmt(row.get(column))
+    ci = _interval(row, column) if _split_key(column) else None
+    return f"{text} ({_fmt(ci[0])}–{_fmt(ci[1])})" if ci and text else text
 
 
 # ----------------------------------------------------------------------------- writers
@@ -254,11 +315,17 @@ def _fmt(v: Any) -> str:
 
 
 def write_csv(rows: list[dict], cols: list[str], path: Path) -> None:
+    """One column per field; each recall column is followed by its interval's `lo` and `hi` columns."""
+    out_cols = []
+    for c in cols:
+        out_cols.append(c)
+        if _split_key(c) and any(_interval(r, c) for r in rows):
+            out_cols += [c + CI_SUFFIXES[0], c + CI_SUFFIXES[1]]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(cols)
+        w.writerow(out_cols)
         for r in rows:
-            w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
+            w.writerow(["" if r.get(c) is None else r.get(c) for c in out_cols])
 
 
 def _under(path: str | None, root: str | Path) -> str | None:
@@ -274,7 +341,7 @@ def _under(path: str | None, root: str | Path) -> str | None:
 def write_markdown(rows: list[dict], cols: list[str], path: Path, title: str, note: str) -> None:
     lines = [f"# {title}", "", note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r, c).replace("|", "\\|") for c in cols) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -292,6 +359,8 @@ def svg_plot(series: list[dict], title: str, xlabel: str, ylabel: str, plot_id: 
              width: int = 420, height: int = 280) -> str:
     """A self-contained SVG scatter/line plot. series: [{"name", "points": [(x, y, tip)], "color"}]."""
     pts = [(x, y) for s in series for x, y, *_ in s["points"] if _finite(x) and _finite(y)]
+    pts += [(p[0], c) for s in series for p in s["points"] if len(p) > 3 and p[3] and _finite(p[0])
+            for c in p[3] if _finite(c)]  # error bars stay inside the axes
     legend, lx, ly = [], 58, 34  # legend laid out in rows above the plot area
     for s in series[:12]:
         text = html.escape(s["name"][:40])
@@ -344,8 +413,12 @@ def svg_plot(series: list[dict], title: str, xlabel: str, ylabel: str, plot_id: 
             out.append(f'<polyline class="curve" fill="none" stroke="{s["color"]}" stroke-width="1.5" points="{path}">'
                        f'<title>{html.escape(s["name"])}</title></polyline>')
         else:
-            for x, y, *tip in good:
-                label = html.escape(tip[0] if tip else s["name"])
+            for x, y, *rest in good:
+                tip, ci = (rest + [None, None])[:2]
+                label = html.escape(tip or s["name"])
+                if ci and _finite(ci[0]) and _finite(ci[1]):  # 95 % interval as an error bar
+                    out.append(f'<line class="errorbar" x1="{sx(x):.1f}" y1="{sy(ci[0]):.1f}" x2="{sx(x):.1f}" '
+                               f'y2="{sy(ci[1]):.1f}" stroke="{s["color"]}" stroke-width="1.2"/>')
                 out.append(f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{s["color"]}" '
                            f'fill-opacity="0.8"><title>{label}</title></circle>')
     out.append("</svg>")
@@ -357,17 +430,19 @@ def _finite(v: Any) -> bool:
 
 
 def _plots(rows: list[dict], metric: str) -> list[str]:
-    m = RECALL_KEY.match(metric)
+    parsed = _split_key(metric)
     shown = [metric]
-    if m and m.group(1) is None and any(f"short_query/R@{m.group(2)}" in r for r in rows):
-        shown.append(f"short_query/R@{m.group(2)}")  # short notes are where the image matters most
+    short = SPLIT_PREFIXES["val"] + f"short_query/R@{parsed[2]}" if parsed else None
+    if parsed and parsed[1] == "all" and any(short in r for r in rows):
+        shown.append(short)  # short notes are where the image matters most
+    trials = [r for r in rows if r.get("kind") == "trial"] or rows  # a knob's plot shows the runs that vary it
     plots = []
     for column, label, pid in (("alpha", "alpha (mICL loss ratio)", "plot-alpha"), ("L", "L (visual tokens)", "plot-L"),
                                ("temperature_init", "tau init (log-scale)", "plot-tau")):
         series = [{"name": name, "color": PALETTE[i], "points": [
-            (r.get(column), r.get(name), f"{r['run']}: {name} {_fmt(r.get(name))} at {column}={_fmt(r.get(column))}")
-            for r in rows]} for i, name in enumerate(shown)]
-        plots.append(svg_plot(series, f"{metric} vs {column}", label, "recall" if m else metric, pid))
+            (r.get(column), r.get(name), f"{r['run']}: {name} {_fmt(r.get(name))} at {column}={_fmt(r.get(column))}",
+             _interval(r, name)) for r in trials]} for i, name in enumerate(shown)]
+        plots.append(svg_plot(series, f"{metric} vs {column}", label, "recall" if parsed else metric, pid))
     curves = [{"name": f"#{r['rank']} {r['run']}", "color": PALETTE[i % len(PALETTE)],
                "points": [(s, l) for s, l in r.get("history") or []]} for i, r in enumerate(rows)]
     plots.append(svg_plot([c for c in curves if c["points"]], "training loss per run", "step", "loss",
@@ -390,7 +465,7 @@ def write_html(rows: list[dict], cols: list[str], path: Path, title: str, note: 
     for r in rows:
         cells = "".join(
             f'<td class="{"text" if not isinstance(r.get(c), (int, float)) or isinstance(r.get(c), bool) else "num"}">'
-            f"{html.escape(_fmt(r.get(c)))}</td>" for c in cols)
+            f"{html.escape(_cell(r, c))}</td>" for c in cols)
         body.append(f'<tr class="run{" best" if r["rank"] == 1 and r.get(metric) is not None else ""}">{cells}</tr>')
     skipped_html = ""
     if skipped:
@@ -414,6 +489,10 @@ def write_leaderboard(storage: str | Path, out_dir: str | Path | None = None, me
     out.mkdir(parents=True, exist_ok=True)
     title = f"Leaderboard: {Path(storage).resolve().name}"
     note = (f"{len(rows)} runs under {storage}, ranked by {metric} ({'higher' if mode == 'max' else 'lower'} is better)"
+            + ("; ranked on the validation split, test/ columns are reported, never ranked on"
+               if any(_split_key(c) and c.startswith(SPLIT_PREFIXES["test"]) for c in cols) else
+               "; ranked on the validation split")
+            + "; recall cells carry 95 % bootstrap intervals where recorded"
             + (f"; {len(skipped)} skipped" if skipped else ""))
     paths = {"csv": out / "leaderboard.csv", "md": out / "leaderboard.md", "html": out / "leaderboard.html"}
     write_csv(rows, cols, paths["csv"])

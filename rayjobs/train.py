@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from core.config import ConfigError, RunConfig, load_run_config
+from core.metrics import parse_metric_key
 
 EXIT_USAGE = 2
 LOCAL_ENV = Path(__file__).resolve().parents[1] / "cluster" / "local_env.yaml"
@@ -88,14 +89,16 @@ def ensure_data(cfg: RunConfig) -> None:
     prepared data (pairs must name existing notes: the pipeline's join would drop them silently)."""
     if "://" in cfg.data.path:
         return
-    if (Path(cfg.data.path) / "pairs_train.parquet").exists():
-        from core.data.schema import check_prepared
+    from core.data.schema import PAIRS_FILES, check_prepared
 
+    present = [name for name in PAIRS_FILES.values() if (Path(cfg.data.path) / name).exists()]
+    if len(present) == len(PAIRS_FILES):
         check_prepared(cfg.data.path)
         return
     from rayjobs.prepare_data import prepare
 
-    print(f"[train] no prepared data in {cfg.data.path}; preparing corpus '{cfg.data.corpus}'", flush=True)
+    why = "no prepared data" if not present else f"prepared data without {sorted(set(PAIRS_FILES.values()) - set(present))}"
+    print(f"[train] {why} in {cfg.data.path}; preparing corpus '{cfg.data.corpus}'", flush=True)
     prepare(cfg.data.corpus, cfg.data.path, num_notes=cfg.data.num_notes, seed=cfg.data.seed,
             short_text_chars=cfg.data.short_text_chars)
 
@@ -202,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     print(f"[train] run directory: {final['run_dir']}")
-    recall = {k: v for k, v in final.items() if k.startswith("R@")}
-    print(f"[train] steps {final['steps']} loss {final.get('loss', float('nan')):.4f} " + " ".join(f"{k} {v:.4f}" for k, v in recall.items()))
+    recall = {k: v for k, v in final.items() if (parse_metric_key(k) or ("",))[0] == "all"}
+    print(f"[train] steps {final['steps']} loss {final.get('loss', float('nan')):.4f} validation "
+          + " ".join(f"{k} {v:.4f}" for k, v in recall.items()))
     return 0
 
 

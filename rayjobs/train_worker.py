@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from core.config import RunConfig
-from core.metrics import flatten_recall
+from core.metrics import flatten_recall, flatten_recall_ci
 
 log = logging.getLogger("notellm2.train")
 
@@ -310,7 +310,8 @@ def _validate(engine, cfg: RunConfig, device) -> dict:
             report = validation_recall(engine.module, cfg.data.path, cfg, device, split="val")
     finally:
         engine.module.train()
-    return flatten_recall(report)  # final_metrics.json contract: core.metrics.metric_key names
+    # final_metrics.json contract: core.metrics.metric_key names, interval bounds beside them
+    return {**flatten_recall(report), **flatten_recall_ci(report)}
 
 
 def train_fn_per_worker(config: dict) -> None:

@@ -27,13 +27,13 @@ from typing import Any, get_type_hints
 import yaml
 
 from core.config import ConfigError, RunConfig, apply_overrides, load_run_config
+from core.metrics import RECALL_KEY
 
 PARAM_TYPES = ("choice", "uniform", "loguniform", "int", "fixed")
 MODES = ("max", "min")
 SCHEDULERS = ("asha", "fifo")
 NON_RECALL_METRICS = ("loss",)
 SECTIONS = get_type_hints(RunConfig)  # section name -> its dataclass
-_RECALL = re.compile(r"^(?:(short_query|short_target)/)?R@(\d+)$")
 
 
 class SweepError(ConfigError):
@@ -202,7 +202,7 @@ class SweepSpec:
             raise SweepError(f"name={self.name!r} is invalid: allowed letters, digits, '_', '.', '-'")
         if not any(p.searched for p in self.parameters.values()):
             raise SweepError("parameters: at least one parameter must be searched (type other than fixed)")
-        if not _RECALL.match(self.metric) and self.metric not in NON_RECALL_METRICS:
+        if not RECALL_KEY.match(self.metric) and self.metric not in NON_RECALL_METRICS:
             hint = ""
             if self.metric.startswith("all/"):
                 hint = f" (all-pairs recall is reported without a prefix: '{self.metric[4:]}')"
@@ -313,7 +313,7 @@ def _check_against_base(spec: SweepSpec, source: str) -> None:
                 spec.run_config({key: value}, base)
             except ConfigError as err:
                 raise SweepError(f"{source}: parameters.{key} value {value!r} gives an invalid run config: {err}") from None
-    m = _RECALL.match(spec.metric)
+    m = RECALL_KEY.match(spec.metric)
     if m:
         ks = RunConfig.from_dict(base).eval.ks
         swept_ks = spec.parameters.get("eval.ks")

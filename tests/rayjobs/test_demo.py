@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from core.config import load_run_config
-from rayjobs.demo import ablation_markdown, final_recall
+from core.metrics import unflatten_recall
+from rayjobs.demo import ablation_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,22 +21,26 @@ FINAL = {"R@1": 0.25, "R@10": 0.5, "short_query/R@1": 0.1, "short_query/R@10": 0
          "short_target/R@10": 0.3, "loss": 2.0, "steps": 8, "export": "/x/export"}
 
 
-def test_final_recall_regroups_the_runs_flat_metrics_by_subset():
-    assert final_recall(FINAL) == {"all": {"R@1": 0.25, "R@10": 0.5},
-                                   "short_query": {"R@1": 0.1, "R@10": 0.4},
-                                   "short_target": {"R@10": 0.3}}
-    assert final_recall({"loss": 1.0}) == {"all": None, "short_query": None, "short_target": None}
+def test_a_runs_flat_metrics_regroup_by_subset():
+    assert unflatten_recall(FINAL) == {"all": {"R@1": 0.25, "R@10": 0.5},
+                                       "short_query": {"R@1": 0.1, "R@10": 0.4},
+                                       "short_target": {"R@10": 0.3}}
+    assert unflatten_recall({"loss": 1.0}) == {}
 
 
 def test_ablation_table_has_a_row_per_variant_and_modality_and_the_papers_figures():
-    table = ablation_markdown([("notellm2", "NoteLLM-2 (both)", {"both": final_recall(FINAL), "text": {}}),
-                               ("text_only", "text-only", {"both": final_recall(FINAL)})], ks=[1, 10])
+    metrics = {**unflatten_recall(FINAL), "ci95": {"all": {"R@1": [0.2, 0.3], "R@10": [0.4, 0.6]}}}
+    table = ablation_markdown([("notellm2", "NoteLLM-2 (both)", {"both": (metrics, None), "text": ({}, None)}),
+                               ("text_only", "text-only", {"both": (metrics, None)}),
+                               ("image_features", "raw vision feature", {"both": (metrics, None)})], ks=[1, 10])
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
-    assert len(rows) == 6  # 2 variants x (both, image, text)
+    assert len(rows) == 7  # 2 variants x (both, image, text) + the baseline's one row
     assert rows[0][0] == "| NoteLLM-2 (both)" and rows[0][1] == "both"
-    assert rows[0][2:4] == ["25.00", "50.00"]  # all R@1, all R@10 in %
+    assert rows[0][2:4] == ["25.0 (20.0–30.0)", "50.0 (40.0–60.0)"]  # all R@1, all R@10 in % with the interval
+    assert rows[0][4] == "10.0"  # short_query R@1: no interval recorded, none shown
     assert rows[0][-1].startswith("76.50 / 55.72")  # REFERENCE §9, next to the paper's variant only
     assert rows[1][2] == "n/a" and rows[3][-1].strip(" |") == ""  # no image row measured; no paper row
+    assert rows[6][0] == "| raw vision feature" and rows[6][1] == "both"
 
 
 def run_demo_cli(out: Path) -> subprocess.CompletedProcess:
@@ -54,7 +59,7 @@ def test_quick_demo_end_to_end_on_tiny_models_then_rerun_keeps_finished_runs(tmp
     assert stages[0] == "[demo] stage 1/5 data" and stages[-1] == "[demo] stage 5/5 report"  # quick: no baseline
     assert "ETA" in proc.stdout
 
-    ablation = json.loads((out / "ablation.json").read_text())
+    ablation = json.loads((out / "ablation.json").read_text())["variants"]
     assert list(ablation) == ["basic", "notellm2"]
     finals = {name: json.loads((Path(entry["run_dir"]) / "final_metrics.json").read_text())
               for name, entry in ablation.items()}
@@ -70,24 +75,31 @@ def test_quick_demo_end_to_end_on_tiny_models_then_rerun_keeps_finished_runs(tmp
     for name, final in finals.items():
         assert final["steps"] == 2
         metrics = ablation[name]["metrics"]
-        assert metrics["both"] == final_recall(final)  # the run's own validation, not re-measured
-        for modality in ("image", "text"):  # measured on the export
-            assert 0.0 <= metrics[modality]["all"]["R@5"] <= 1.0
+        # chosen on validation (the run's own final_metrics), reported on test (measured once, here)
+        assert unflatten_recall(final)["all"].keys() == {k for k, v in metrics["both"]["all"].items() if v is not None}
+        for modality in ("both", "image", "text"):  # measured on the export, on the test split
+            assert metrics[modality]["split"] == "test" and metrics[modality]["pool"] == "catalog"
+            lo, hi = metrics[modality]["ci95"]["all"]["R@5"]
+            assert lo <= metrics[modality]["all"]["R@5"] <= hi
+        test_file = json.loads((Path(ablation[name]["run_dir"]) / "test_metrics.json").read_text())
+        assert test_file["all"] == metrics["both"]["all"]
     table = (out / "ablation.md").read_text()
     assert "basic MLRM" in table and "NoteLLM-2 (both)" in table and "untrained" not in table
+    assert "test-split numbers" in table and "NoteLLM-2 (both) − basic MLRM" in table  # a paired difference
 
     with open(out / "leaderboard.csv") as f:
         board = list(csv.DictReader(f))
     assert len(board) == 2  # the sweep's trial (= NoteLLM-2) and the basic run
     metric = load_run_config(REPO / "rayjobs/configs/smoke.yaml").eval.metric  # the run config's ranking metric
-    values = [float(row[metric]) for row in board]
+    values = [float(row["val/" + metric]) for row in board]  # ranked on validation
     assert values == sorted(values, reverse=True)
+    assert all(row["test/" + metric] != "" for row in board)  # test reported beside it
     assert (out / "leaderboard.html").stat().st_size > 0
 
     again = run_demo_cli(out)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert again.stdout.count("already finished, kept") == 1  # basic; NoteLLM-2 is the trial again
-    assert json.loads((out / "ablation.json").read_text()) == ablation
+    assert json.loads((out / "ablation.json").read_text())["variants"] == ablation
 
 
 def test_progress_eta_follows_the_plan_then_the_machines_pace(monkeypatch, capsys):

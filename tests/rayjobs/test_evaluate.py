@@ -54,9 +54,9 @@ def test_cli_process_exit_code(tmp_path):
 def test_two_actors_equal_single_process_loop(ray_local, tiny_run):
     from core.checkpoint import load_export
     from core.data.pipeline import NotePreprocessor
-    from core.evaluation import build_protocol, embed_notes_local, preprocess_notes_local, read_notes, read_test_pairs
+    from core.evaluation import build_protocol, embed_notes_local, preprocess_notes_local, read_notes, read_pairs
 
-    protocol = build_protocol(read_test_pairs(tiny_run.data_dir))
+    protocol = build_protocol(read_pairs(tiny_run.data_dir, "test"), pool="targets")
     needed = protocol.needed_ids()
     ids, emb = evaluate.embed_with_ray(tiny_run.data_dir, tiny_run.cfg, needed, checkpoint=tiny_run.export_dir,
                                        actors=2, batch_size=5, progress=False)
@@ -85,20 +85,22 @@ def test_end_to_end_checkpoint(ray_local, tiny_run, tmp_path, capsys):
         assert set(metrics[subset]) == {"R@1", "R@5", "R@10", "R@100000"}
         assert metrics[subset]["R@100000"] is None
     assert metrics["num_queries"] > 0 and metrics["pool_size"] > 0
+    assert metrics["split"] == "test" and metrics["pool"] == "catalog" and metrics["ties"] == "expected"
+    assert set(metrics["ci95"]["all"]) == {"R@1", "R@5", "R@10", "R@100000"}
 
     emb = pq.read_table(tmp_path / "eval" / "tiny.embeddings.parquet")
     assert emb.schema.field("embedding").type.value_type == "float"
-    assert emb.num_rows == metrics["num_queries"] + metrics["pool_size"]
+    assert emb.num_rows == metrics["num_queries"] + metrics["pool_size"] == tiny_run.cfg.data.num_notes  # catalogue
     assert len(emb["embedding"][0].as_py()) == tiny_run.cfg.model.output_dim
     per_query = pd.read_parquet(tmp_path / "eval" / "tiny.per_query.parquet")
-    assert len(per_query) == metrics["num_queries"]
+    assert len(per_query) == sum(metrics["num"].values())
     assert pd.read_csv(tmp_path / "eval" / "tiny.per_query.csv")["rank"].tolist() == per_query["rank"].tolist()
     table = (tmp_path / "eval" / "tiny.md").read_text()
     assert table.startswith("| model | all R@1 |") and "n/a" in table
 
     # Same numbers as the in-process validation path (same protocol, same embedding code).
     cfg = tiny_run.cfg
-    local = validation_recall(tiny_run.model, tiny_run.data_dir, cfg, "cpu")
+    local = validation_recall(tiny_run.model, tiny_run.data_dir, cfg, "cpu", split="test")
     tol = 1.0 / metrics["num_queries"] + 1e-9  # at most one float-noise rank flip
     for subset in ("all", "short_query", "short_target"):
         for key in ("R@1", "R@5", "R@10"):
@@ -116,9 +118,11 @@ def test_untrained_image_feature_baseline_and_text_ablation(ray_local, tiny_run,
     assert len(emb["embedding"][0].as_py()) == tiny_run.model.vision.feature_dim  # raw CLS width
 
     # Text-only ablation through the CLI: without images the image-feature baseline collapses
-    # (every note gets the zero image's features: all scores tie, every target ranks 0).
+    # (every note gets the blank image's features: all scores tie, so recall is chance level).
     out_text = tmp_path / "vision_text.json"
     assert evaluate.main(["--untrained", tiny_run.config_path, "--baseline", "image-features", "--data", tiny_run.data_dir,
                           "--out", str(out_text), "--ks", "1,10", "--modality", "text"]) == 0
-    ranks = pd.read_parquet(tmp_path / "vision_text.per_query.parquet")["rank"]
-    assert (ranks == 0).all()
+    per_query = pd.read_parquet(tmp_path / "vision_text.per_query.parquet")
+    assert (per_query["rank"] == 0).all() and (per_query["tied"] > 0).all()
+    text_metrics = json.loads(out_text.read_text())
+    assert text_metrics["all"]["R@1"] == pytest.approx(1 / text_metrics["pool_size"])

@@ -36,7 +36,7 @@ def make_run(root: Path, name: str, L: int, alpha: float, tau0: float, r10: floa
     history = [{"step": s, "loss": 2.0 / s + alpha / 100} for s in range(1, 13)]
     (ckpt / "state.json").write_text(json.dumps({"step": 12, "history": history}))
     final = {"loss": history[-1]["loss"], "temperature": 0.05 + tau0 / 100, "R@1": r10 / 3, "R@10": r10,
-             "short_query/R@10": sq10, "short_target/R@10": sq10 + 0.01, "steps": 12, "wall_seconds": 7.5,
+             "R@10 lo": r10 - 0.05, "R@10 hi": r10 + 0.05, "short_query/R@10": sq10, "short_target/R@10": sq10 + 0.01, "steps": 12, "wall_seconds": 7.5,
              "checkpoint": str(ckpt), "export": None, "config": _config(name, L, alpha, tau0)}
     (run_dir / "final_metrics.json").write_text(json.dumps(final))
     return run_dir
@@ -58,7 +58,7 @@ def storage(tmp_path: Path) -> Path:
 
 def test_ranking_columns_and_skipped(storage: Path, tmp_path: Path, capsys):
     out = leaderboard.write_leaderboard(storage, tmp_path / "board")
-    assert out["metric"] == "R@10" and out["mode"] == "max"  # from eval.metric all/R@10
+    assert out["metric"] == "val/R@10" and out["mode"] == "max"  # from eval.metric all/R@10, on validation
     assert out["ranked"] == ["run-b", "run-c", "run-a"]
     assert out["rows"] == 3 and out["skipped"] == 2
     printed = capsys.readouterr().out
@@ -67,20 +67,41 @@ def test_ranking_columns_and_skipped(storage: Path, tmp_path: Path, capsys):
     with open(out["csv"]) as f:
         rows = list(csv.DictReader(f))
     header = list(rows[0])
-    for col in ("rank", "run", "R@10", "L", "alpha", "temperature_init", "temperature_final", "prompt_mode",
-                "late_fusion", "lr", "lora_rank", "R@1", "short_query/R@10", "short_target/R@10", "steps",
-                "wall_seconds", "checkpoint"):
+    for col in ("rank", "run", "kind", "val/R@10", "val/R@10 lo", "val/R@10 hi", "L", "alpha", "temperature_init",
+                "temperature_final", "prompt_mode", "late_fusion", "lr", "lora_rank", "val/R@1", "val/short_query/R@10",
+                "val/short_target/R@10", "steps", "wall_seconds", "checkpoint"):
         assert col in header, col
     assert [r["run"] for r in rows] == ["run-b", "run-c", "run-a"]
     assert [int(r["rank"]) for r in rows] == [1, 2, 3]
     best = rows[0]
     assert (int(best["L"]), float(best["alpha"]), float(best["temperature_init"])) == (2, 1.0, 1.5)
-    assert float(best["R@10"]) == pytest.approx(0.70) and float(best["short_query/R@10"]) == pytest.approx(0.45)
+    assert float(best["val/R@10"]) == pytest.approx(0.70) and float(best["val/short_query/R@10"]) == pytest.approx(0.45)
+    assert float(best["val/R@10 lo"]) == pytest.approx(0.65) and best["kind"] == "run"
     assert best["checkpoint"].endswith("checkpoint_00000012")
     md = Path(out["md"]).read_text()
     ranked = [line for line in md.splitlines() if line.startswith(("| 1 | run-", "| 2 | run-", "| 3 | run-"))]
     assert len(ranked) == 3
     assert ranked[0].endswith("| run-b/checkpoint_00000012 |")  # relative to the storage root in Markdown
+    assert "| 0.7 (0.65–0.75) |" in ranked[0]  # the metric with its interval
+    assert "ranked on the validation split" in md
+
+
+def test_test_metrics_are_reported_beside_but_never_ranked_on(storage: Path, tmp_path: Path):
+    """Test recall that disagrees with validation by construction: the ranking follows validation."""
+    for name, r10 in (("run-a", 0.9), ("run-b", 0.1), ("run-c", 0.5)):  # test order opposite to validation's
+        (storage / name / leaderboard.TEST_METRICS_FILE).write_text(json.dumps(
+            {"all": {"R@10": r10}, "ci95": {"all": {"R@10": [r10 - 0.1, r10 + 0.1]}}, "pool": "catalog",
+             "pool_size": 700}))
+    out = leaderboard.write_leaderboard(storage, tmp_path / "board")
+    assert out["ranked"] == ["run-b", "run-c", "run-a"]  # validation's order, not test's
+    with open(out["csv"]) as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert float(rows["run-a"]["test/R@10"]) == pytest.approx(0.9)
+    assert float(rows["run-a"]["test/R@10 hi"]) == pytest.approx(1.0) and rows["run-a"]["test_pool"] == "catalog 700"
+    header = list(rows["run-a"])
+    assert header.index("val/R@10") < header.index("test/R@10")
+    assert "error" not in out and "test/ columns are reported, never ranked on" in Path(out["md"]).read_text()
+    assert 'class="errorbar"' in Path(out["html"]).read_text()  # the intervals drawn on the knob plots
 
 
 def test_metric_override_and_min_mode(storage: Path, tmp_path: Path):
@@ -108,6 +129,11 @@ def test_sweep_json_and_tune_trial_without_final_metrics(storage: Path, tmp_path
     with open(out["csv"]) as f:
         row = next(r for r in csv.DictReader(f) if r["run"] == "sw-0001")
     assert row["status"].startswith("stopped") and row["L"] == "16" and row["trial_id"] == "0001"
+    assert row["kind"] == "trial"
+    # the knob plots show the sweep's trials only (the single runs do not vary its knobs)
+    html_text = Path(out["html"]).read_text()
+    alpha_plot = html_text[html_text.index('id="plot-alpha"'):html_text.index('id="plot-L"')]
+    assert "sw-0001" in alpha_plot and "run-b" not in alpha_plot
 
 
 def test_empty_storage_does_not_crash(tmp_path: Path):

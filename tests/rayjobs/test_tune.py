@@ -141,6 +141,20 @@ def _trial_status(sweep_dir: Path) -> dict[str, str]:
     return out
 
 
+def _prepare_with_empty_test_split(space: Path, data_dir: Path) -> None:
+    """The sweep's data as its trials would prepare it, then pairs_test.parquet without rows."""
+    import pyarrow.parquet as pq
+
+    from rayjobs.prepare_data import prepare
+
+    cfg = load_run_config(yaml.safe_load(space.read_text())["base_config"])
+    prepare(cfg.data.corpus, data_dir, num_notes=cfg.data.num_notes, seed=cfg.data.seed,
+            short_text_chars=cfg.data.short_text_chars)
+    test = pq.read_table(data_dir / "pairs_test.parquet")
+    assert test.num_rows > 0
+    pq.write_table(test.slice(0, 0), data_dir / "pairs_test.parquet")
+
+
 def _check_finished_sweep(sweep_dir: Path) -> None:
     """What a finished smoke sweep leaves behind: runs, Tune results, study, logs, leaderboard."""
     runs = sorted((sweep_dir / "runs").iterdir())
@@ -170,8 +184,8 @@ def _check_finished_sweep(sweep_dir: Path) -> None:
     csv_text = (sweep_dir / "leaderboard.csv").read_text().splitlines()
     assert len(csv_text) == 1 + 3
     header = csv_text[0].split(",")
-    assert header[:5] == ["rank", "run", "trial_id", "status", "R@5"]
-    values = [float(line.split(",")[4]) for line in csv_text[1:] if line.split(",")[4]]
+    assert header[:6] == ["rank", "run", "kind", "trial_id", "status", "val/R@5"]  # ranked on validation
+    values = [float(line.split(",")[5]) for line in csv_text[1:] if line.split(",")[5]]
     assert values == sorted(values, reverse=True) and len(values) == 3
     assert (sweep_dir / "leaderboard.html").stat().st_size > 2000
 
@@ -179,8 +193,12 @@ def _check_finished_sweep(sweep_dir: Path) -> None:
 @pytest.mark.slow
 def test_smoke_sweep_killed_then_resumed_finishes_without_rerunning_trials(tmp_path: Path):
     """The smoke sweep end to end through TorchTrainer workers, with the driver and its embedded
-    Ray killed once the first trial has finished; `--resume` runs only what is left."""
+    Ray killed once the first trial has finished; `--resume` runs only what is left.
+
+    The test split is emptied before the sweep: nothing that chooses (validation, ASHA, Optuna,
+    the leaderboard's ranking) may read it, so the sweep must finish and rank on validation alone."""
     space = _smoke_space(tmp_path)
+    _prepare_with_empty_test_split(space, tmp_path / "data")
     storage = tmp_path / "tune"
     sweep_dir = storage / "smoke"
     log = open(tmp_path / "first.log", "w")
