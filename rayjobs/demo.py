@@ -44,6 +44,7 @@ from core.data.pipeline import needs_image
 from core.evaluation import paired_difference, validation_recall
 from core.metrics import SUBSETS, format_recall_ci, parse_metric_key
 from rayjobs.leaderboard import TEST_METRICS_FILE
+from rayjobs.tune import run_sweep, short_value
 from search_spaces.schema import SweepError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,10 +172,6 @@ def _get(cfg: dict, dotted: str):
     return cfg.get(section, {}).get(key)
 
 
-def _show(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def ablation_markdown(results: list, ks: list[int]) -> str:
     """Rows = variant x modality, columns = R@K with its 95 % interval (all / short query / short
     target), plus the paper's figures. `results`: [(name, label, {modality: (metrics, per_query)})]."""
@@ -260,8 +257,6 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
 
     sweep, best = None, None
     if trials > 0:
-        from rayjobs.tune import run_sweep
-
         for item in base:  # the demo's data dir / step budget, pinned for every trial
             key, _, value = item.partition("=")
             spec.parameters[key] = ParameterSpec(key=key, type="fixed", value=yaml.safe_load(value))
@@ -275,7 +270,7 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
             # the ablation runs at the tuned point: the best trial's whole config, one switch changed
             config = out / "ablation_base.yaml"
             dump_run_config(RunConfig.from_dict(best["config"]), config)
-            swept = ", ".join(f"{k}={_show(_get(best['config'], k))}" for k, p in spec.parameters.items() if p.type != "fixed")
+            swept = ", ".join(f"{k}={short_value(_get(best['config'], k))}" for k, p in spec.parameters.items() if p.type != "fixed")
             print(f"[demo] ablation base = the sweep's best trial {Path(best['run_dir']).name} ({swept}): {config}", flush=True)
         else:
             print(f"[demo] the sweep's best trial left no final_metrics.json with an export (stopped early, or "

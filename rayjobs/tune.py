@@ -99,13 +99,13 @@ class SweepProgress(Callback):
         return f"{done}/{self.total} finished, {failed} errored, {running} running"
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        params = ", ".join(f"{k}={_short(v)}" for k, v in (trial.config or {}).items())
+        params = ", ".join(f"{k}={short_value(v)}" for k, v in (trial.config or {}).items())
         print(f"[tune] trial {trial.trial_id} running: {params} ({self._counts(trials, trial, 'RUNNING')})", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         kind = "final" if result.get("train_done") else f"epoch {result.get(ROUND_ATTR)}"
         print(f"[tune] trial {trial.trial_id} {kind} validation: {self.metric} "
-              f"{_short(result.get(self.metric))} at step {result.get('step')}", flush=True)
+              f"{short_value(result.get(self.metric))} at step {result.get('step')}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         print(f"[tune] trial {trial.trial_id} finished ({self._counts(trials, trial, 'TERMINATED')})", flush=True)
@@ -114,7 +114,8 @@ class SweepProgress(Callback):
         print(f"[tune] trial {trial.trial_id} errored ({self._counts(trials, trial, 'ERROR')})", flush=True)
 
 
-def _short(v: Any) -> str:
+def short_value(v: Any) -> str:
+    """A sampled value for a progress line: floats to 4 significant digits."""
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     if out["best"]:
-        print(f"[tune] best trial: {spec.metric} {_short(out['best'][spec.metric])} with {out['best']['config']}")
+        print(f"[tune] best trial: {spec.metric} {short_value(out['best'][spec.metric])} with {out['best']['config']}")
     if out["leaderboard"]:
         print(f"[tune] leaderboard: {out['leaderboard']['html']}")
     return 1 if out["num_errors"] else 0
