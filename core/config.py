@@ -357,6 +357,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.dtype == "bfloat16" and self.train.precision == "float32":
+            # bf16 parameters stepped without fp32 master weights: small updates round to zero
+            _fail("model", "dtype", self.model.dtype, "float32 when train.precision=float32 (bfloat16 parameters "
+                  "need train.precision=bfloat16, whose optimizer keeps fp32 master weights)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

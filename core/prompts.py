@@ -26,7 +26,10 @@ _TEMPLATES = {
     "zh": ("笔记：{", '"图片":"' + IMG_TOKEN + '"', ("标题", "话题", "内容"), "，压缩为一个词：", "“", "”。"),
 }
 _SENTENCE_MARK = {"en": ". ", "zh": "。"}
-_HASHTAG = re.compile(r"#([^#\[\]\n]{1,40})(?:\[话题\])?#")
+_TOPIC_MARK = "[话题]"
+# REFERENCE §3: `#`, one word (letters, digits, underscore), `#`, ≤ 16 characters with both `#`s,
+# so "C# and F#" or "#1 and #2" hold no hashtag (\w is Unicode-aware: Chinese words match)
+_HASHTAG = re.compile(r"#(\w{1,14})#")
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,14 @@ class NoteText:
 def clean_note_text(title, topics, content, *, language="en", title_max_chars=20, content_max_chars=80, max_topics=10) -> NoteText:
     """Official text preprocessing: hashtags -> topics, newlines -> sentence marks, truncation.
 
-    Hashtags written `#tag[话题]#` (or `#tag#`) are removed from the content and appended to the
-    topics; at most `max_topics` topics are kept. Missing fields become empty strings.
+    `[话题]` marks are removed, then hashtags `#word#` (one word of letters, digits or underscore,
+    ≤ 16 characters with both `#`s) are removed from the content and appended to the topics; at
+    most `max_topics` topics are kept. Missing fields become empty strings.
     """
     title = "" if title is None else str(title)
-    content = "" if content is None else str(content)
+    content = "" if content is None else str(content).replace(_TOPIC_MARK, "")
     topics = [str(t) for t in (topics if topics is not None else []) if t is not None and str(t).strip()]
-    topics += [m.strip() for m in _HASHTAG.findall(content) if m.strip()]
+    topics += _HASHTAG.findall(content)
     content = _HASHTAG.sub("", content)
     mark = _SENTENCE_MARK[language]
     title = re.sub(r"\s*\n+\s*", mark, title.strip())
@@ -84,6 +88,17 @@ def build_prompt(text: NoteText, *, mode: str, language: str = "en") -> str:
     return "".join(prompt_segments(text, mode=mode, language=language))
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """`[bos_id]` when the tokenizer starts every sequence with its BOS (Llama-style), else `[]`.
+
+    The prompt segments are tokenised without special tokens (so truncation never cuts the
+    suffix); what the tokenizer itself puts in front of an empty text tells whether its model
+    expects a BOS (GPT-2-style BPE tokenizers such as SmolLM2's put nothing there)."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and ids[:1] == [bos] else []
+
+
 def tokenize_notes(tokenizer, notes: list[dict], model_cfg, max_length: int | None = None) -> dict:
     """Tokenise notes into right-padded id matrices.
 
@@ -102,6 +117,7 @@ def tokenize_notes(tokenizer, notes: list[dict], model_cfg, max_length: int | No
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, chars = [], []
+    bos = bos_prefix(tokenizer)
     cache: dict[str, list[int]] = {}
 
     def encode_fixed(s: str) -> list[int]:
@@ -117,7 +133,7 @@ def tokenize_notes(tokenizer, notes: list[dict], model_cfg, max_length: int | No
         )
         head, body, tail = prompt_segments(text, mode=model_cfg.prompt_mode, language=model_cfg.language)
         body_ids = tokenizer(body, add_special_tokens=False)["input_ids"][: model_cfg.max_text_tokens]
-        rows.append(encode_fixed(head) + body_ids + encode_fixed(tail))
+        rows.append(bos + encode_fixed(head) + body_ids + encode_fixed(tail))
         chars.append(len(text.title) + len(text.content))
     width = max(len(r) for r in rows) if rows else 1
     if max_length is not None:
@@ -133,7 +149,8 @@ def tokenize_notes(tokenizer, notes: list[dict], model_cfg, max_length: int | No
 
 
 def prompt_length_bound(tokenizer, model_cfg) -> int:
-    """An upper bound on prompt length: fixed head + tail + the body budget."""
+    """An upper bound on prompt length: BOS (if any) + fixed head + tail + the body budget."""
     head, _, tail = prompt_segments(NoteText("", [], ""), mode=model_cfg.prompt_mode, language=model_cfg.language)
-    fixed = len(tokenizer(head, add_special_tokens=False)["input_ids"]) + len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    fixed = len(bos_prefix(tokenizer)) + len(tokenizer(head, add_special_tokens=False)["input_ids"]) \
+        + len(tokenizer(tail, add_special_tokens=False)["input_ids"])
     return fixed + model_cfg.max_text_tokens

@@ -73,14 +73,18 @@ def resolve_llm_path(name: str) -> str:
 
 
 def build_byte_tokenizer():
-    """A byte-level tokenizer (256 byte symbols + pad/bos/eos) built offline for tiny test models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level tokenizer (256 byte symbols + pad/bos/eos) built offline for tiny test models.
+
+    Llama-style: it starts every sequence with its BOS, so the tiny models exercise the BOS path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<pad>", "<s>", "</s>"])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 

@@ -232,3 +232,15 @@ def test_readme_configuration_reference_is_generated_from_the_dataclasses():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split(configref.BEGIN, 1)[1].split(configref.END, 1)[0]
     assert block == "\n" + configref.render()
+
+
+def test_bfloat16_parameters_need_bfloat16_precision(tmp_path):
+    """bf16 parameters stepped by an fp32 optimizer without master weights round small updates to
+    zero: refused at load time, naming both fields; the working combinations load."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {llm: tiny-llama, dtype: bfloat16}\ntrain: {precision: float32}\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(path) in str(err.value) and "model.dtype" in str(err.value) and "train.precision=bfloat16" in str(err.value)
+    assert load_run_config(path, overrides=["train.precision=bfloat16"]).model.dtype == "bfloat16"
+    assert load_run_config(path, overrides=["model.dtype=float32"]).train.precision == "float32"

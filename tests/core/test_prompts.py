@@ -7,8 +7,8 @@ import pytest
 from core.config import ModelConfig
 from core.model.builders import build_tokenizer
 from core.prompts import (
-    IMG_EMB_TOKEN, IMG_TOKEN, NoteText, build_prompt, clean_note_text, prompt_length_bound, prompt_segments,
-    tokenize_notes,
+    IMG_EMB_TOKEN, IMG_TOKEN, NoteText, bos_prefix, build_prompt, clean_note_text, prompt_length_bound,
+    prompt_segments, tokenize_notes,
 )
 from tests.conftest import has_assets, tiny_model_dict
 
@@ -41,6 +41,34 @@ def test_quotes_inside_fields_keep_the_json_valid():
     assert json.loads("{" + body + "}")["title"] == 'say "hi"'
 
 
+@pytest.mark.parametrize("content, topics, kept", [
+    ("I code in C# and F# daily", [], "I code in C# and F# daily"),  # not hashtags: no word between the #s
+    ("Ranked #1 and #2", [], "Ranked #1 and #2"),
+    ("#a_very_long_tag# end", [], "#a_very_long_tag# end"),  # 17 characters with both #s: over the limit
+    ("#fourteen_char# end", ["fourteen_char"], "end"),
+    ("#exactly14chars# end", ["exactly14chars"], "end"),  # 16 characters with both #s: the limit
+    ("看 #旅行[话题]# 和 #美食#", ["旅行", "美食"], "看  和"),  # [话题] removed first; Chinese words match
+])
+def test_hashtag_pattern_of_the_reference(content, topics, kept):
+    text = clean_note_text("t", [], content)
+    assert text.topics == topics and text.content == kept
+
+
+def test_bos_only_where_the_tokenizer_starts_with_one():
+    tok = build_tokenizer(tiny_cfg())
+    assert bos_prefix(tok) == [tok.bos_token_id]
+    ids = tokenize_notes(tok, [{"title": "x"}], tiny_cfg())["input_ids"][0]
+    assert ids[0] == tok.bos_token_id and list(ids).count(tok.bos_token_id) == 1
+
+    class NoBos:  # GPT-2-style: a BOS token exists but is not put in front of a text
+        bos_token_id = 7
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(c) for c in text]}
+
+    assert bos_prefix(NoBos()) == []
+
+
 def test_hashtags_become_topics_and_leave_the_content():
     text = clean_note_text("Trip", ["travel"], "Sunny day #beach[话题]# and #food# and #beach#", language="en")
     assert text.topics == ["travel", "beach", "food"]  # deduplicated, order kept
@@ -63,7 +91,7 @@ def test_truncation_never_cuts_the_compression_suffix(mode):
     notes = [{"title": "A very long title indeed", "content": "word " * 40}, {"title": "short", "content": ""}]
     batch = tokenize_notes(tok, notes, cfg)
     head, _, tail = prompt_segments(NoteText("", [], ""), mode=mode, language=cfg.language)
-    head_ids = tok(head, add_special_tokens=False)["input_ids"]
+    head_ids = [tok.bos_token_id] + tok(head, add_special_tokens=False)["input_ids"]  # the tiny tokenizer is Llama-style
     tail_ids = tok(tail, add_special_tokens=False)["input_ids"]
     lengths = batch["attention_mask"].sum(axis=1)
     assert lengths[0] == len(head_ids) + 8 + len(tail_ids)  # body cut to exactly the budget
@@ -109,6 +137,7 @@ def test_smollm2_tokenizer_keeps_special_tokens_whole(language):
     tok = build_tokenizer(cfg)
     img, emb = tok.convert_tokens_to_ids([IMG_TOKEN, IMG_EMB_TOKEN])
     assert len(tok) == 49152 + 2 and {img, emb} == {49152, 49153}
+    assert bos_prefix(tok) == []  # SmolLM2's BPE tokenizer puts no BOS in front of a text
     batch = tokenize_notes(tok, [{"title": "猫" if language == "zh" else "cat", "content": "#pets# meow"}], cfg)
     ids = list(batch["input_ids"][0])
     assert ids.count(img) == 1 and ids.count(emb) == 1

@@ -21,7 +21,18 @@ def png(mode="RGB", size=(8, 8), fmt="PNG"):
     return buf.getvalue()
 
 
-def check_prepared(out, report):
+def assert_leak_free(train, val, test, held_out_queries=True):
+    """Train, validation and test query sets are disjoint, and no training note is a held-out
+    query (as query or target), nor a validation target a test query. `held_out_queries`: both
+    held-out splits must have queries (False for fixtures with a handful of pairs)."""
+    q_train, q_val, q_test = (set(t["query_id"].to_pylist()) for t in (train, val, test))
+    assert not held_out_queries or (q_val and q_test), "both held-out splits have queries"
+    assert not (q_train & q_val or q_train & q_test or q_val & q_test)
+    assert not set(train["target_id"].to_pylist()) & (q_val | q_test)
+    assert not set(val["target_id"].to_pylist()) & q_test
+
+
+def check_prepared(out, report, held_out_queries=True):
     for name in (schema.NOTES_FILE, schema.EVENTS_FILE, *schema.PAIRS_FILES.values(), schema.REPORT_FILE):
         assert (out / name).is_file(), name
     notes = pq.read_table(out / schema.NOTES_FILE)
@@ -29,7 +40,7 @@ def check_prepared(out, report):
     test = pq.read_table(out / "pairs_test.parquet")
     train = pq.read_table(out / "pairs_train.parquet")
     assert test.column_names == ["query_id", "target_id", "score", "short_query", "short_target"]
-    assert not set(test["query_id"].to_pylist()) & set(train["query_id"].to_pylist() + train["target_id"].to_pylist())
+    assert_leak_free(train, pq.read_table(out / "pairs_val.parquet"), test, held_out_queries)
     assert json.loads((out / schema.REPORT_FILE).read_text())["counts"] == report["counts"]
     return notes, train, test
 
@@ -136,6 +147,7 @@ def test_qilin_importer(tmp_path):
     assert rows[0]["image_uri"] == str(images / "a.jpg") and rows[1]["image_uri"] is None
     assert rows[0]["category"] == "时尚/穿搭" and rows[2]["category"] == "户外"
     report = prepare(c, tmp_path / "out", test_fraction=0.3)
+    check_prepared(tmp_path / "out", report, held_out_queries=False)  # 3 pairs: too few for both splits
     assert report["skipped"]["images"] == {"unreadable_uri": 1}
     assert report["counts"]["notes_with_image"] == 1
 
