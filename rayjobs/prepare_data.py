@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.data.corpora import CORPORA
+
 DEFAULTS = dict(num_notes=None, seed=0, short_fraction=0.3, lower=0.0, upper=float("inf"), top_t=10,
                 test_fraction=0.2, val_fraction=0.1, short_text_chars=20, input=None, image_root=None, embed_images=True)
 
@@ -187,7 +189,7 @@ def _first_bad_value(col, field, path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rayjobs.prepare_data", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--corpus", required=True, choices=("synthetic", "tuxpaint", "movielens", "qilin", "parquet"),
+    p.add_argument("--corpus", required=True, choices=(*CORPORA, "parquet"),
                    help="corpus adapter; parquet: your own notes.parquet + events.parquet in --input")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--input", default=None, help="source directory (qilin, parquet: required; tuxpaint/movielens: overrides the installed asset)")

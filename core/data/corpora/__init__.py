@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from core.data.report import DataReport
 
-CORPORA = ("synthetic", "tuxpaint", "movielens", "qilin")
+CORPORA = ("synthetic", "tuxpaint", "movielens", "qilin", "openclipart")
+"""Adapter names (`build_corpus`); `rayjobs.prepare_data` adds `parquet` (your own files)."""
 
 
 @dataclass
@@ -40,6 +41,8 @@ def build_corpus(name: str, **opts) -> Corpus:
         from core.data.corpora.movielens import build_movielens as fn
     elif name == "qilin":
         from core.data.corpora.qilin import build_qilin as fn
+    elif name == "openclipart":
+        from core.data.corpora.openclipart import build_openclipart as fn
     else:
         raise ValueError(f"corpus {name!r}: allowed {', '.join(CORPORA)}")
     import inspect

@@ -132,7 +132,7 @@ def draw_shape(shape: str, rgb: tuple, px: int, rng: np.random.Generator) -> byt
 
 
 def simulate_clicks(categories, *, num_users: int, events_per_user: int, seed: int, p_related: float = 0.85,
-                    max_interests: int = 3) -> pa.Table:
+                    max_interests: int = 3, extra_categories=None) -> pa.Table:
     """Simulate a click log from category interests (vectorised; see module docstring).
 
     Args:
@@ -142,14 +142,27 @@ def simulate_clicks(categories, *, num_users: int, events_per_user: int, seed: i
         seed: RNG seed.
         p_related: probability the clicked note shares the viewed note's category.
         max_interests: each user likes 1..max_interests categories.
+        extra_categories: optional per-note lists of further categories the note also belongs
+            to (graded relatedness: such a note is drawn for any of its categories). None or
+            empty lists give exactly the single-category log.
 
     Returns:
         Table in EVENT_SCHEMA.
     """
     rng = np.random.default_rng(seed)
-    cats, codes = np.unique(np.asarray(categories), return_inverse=True)
-    n_notes, n_cats = len(codes), len(cats)
-    order = np.argsort(codes, kind="stable")  # notes grouped by category
+    categories = np.asarray(categories)
+    n_notes = len(categories)
+    member = np.arange(n_notes)  # one membership per (note, category); the primary ones first
+    if extra_categories is not None:
+        if len(extra_categories) != n_notes:
+            raise ValueError(f"extra_categories has {len(extra_categories)} entries for {n_notes} notes")
+        extra_note = [i for i, extra in enumerate(extra_categories) for _ in extra]
+        if extra_note:
+            categories = np.asarray(list(categories) + [c for extra in extra_categories for c in extra])
+            member = np.concatenate([member, np.asarray(extra_note)])
+    cats, codes = np.unique(categories, return_inverse=True)
+    n_cats = len(cats)
+    order = member[np.argsort(codes, kind="stable")]  # notes grouped by category (a note once per category)
     sizes = np.bincount(codes, minlength=n_cats)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     popularity = 1.0 / np.arange(1, n_cats + 1) ** 0.7

@@ -245,3 +245,60 @@ def test_synthetic_short_notes_lose_recall_without_the_image(tmp_path):
     assert text["num"]["short_query"] >= 10, text["num"]
     assert text["all"]["R@10"] >= text["short_query"]["R@10"] + 0.15, text  # text works, except on short notes
     assert image["short_query"]["R@10"] >= text["short_query"]["R@10"] + 0.2, (text, image)
+
+
+def clipart_svg(title, keywords=(), description="", colour="red"):
+    bag = "".join(f"<rdf:li>{k}</rdf:li>" for k in keywords)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+            f'xmlns:cc="http://web.resource.org/cc/" xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" '
+            f'width="40" height="20"><metadata><rdf:RDF><cc:Work rdf:about=""><dc:title>{title}</dc:title>'
+            f'<dc:description>{description}</dc:description><dc:subject><rdf:Bag>{bag}</rdf:Bag></dc:subject>'
+            f'<dc:publisher><cc:Agent><dc:title>Open Clip Art Library</dc:title></cc:Agent></dc:publisher>'
+            f'</cc:Work></rdf:RDF></metadata><rect width="40" height="20" fill="{colour}"/></svg>')
+
+
+def test_openclipart_on_a_tiny_tree(tmp_path):
+    """Metadata titles/keywords, folders as topics and category, a linked item in two categories,
+    patterns dropped, an SVG that does not render counted, rendering resumable."""
+    from core.data.corpora.openclipart import build_openclipart, render_tree
+
+    svg = tmp_path / "svg"
+    for folder in ("animals/birds", "food/fruit", "special/patterns", "unsorted"):
+        (svg / folder).mkdir(parents=True)
+    (svg / "animals/birds/owl_01.svg").write_text(clipart_svg("night owl", ["bird", "owl"], "An owl at night."))
+    (svg / "animals/birds/duck.svg").write_text(clipart_svg("", [], "", "yellow"))  # no title: the file name
+    (svg / "food/fruit/apple.svg").write_text(clipart_svg("red apple", ["fruit"]))
+    (svg / "food/fruit/owl_01.svg").symlink_to("../../animals/birds/owl_01.svg")  # also in food/fruit
+    (svg / "special/patterns/dots.svg").write_text(clipart_svg("dots"))
+    (svg / "unsorted/broken.svg").write_text("<svg><rect")
+    counts = render_tree(svg, tmp_path / "png", px=32, workers=1, progress=lambda line: None)
+    assert counts == {"rendered": 3, "cached": 0, "failed": 1}
+    assert Image.open(tmp_path / "png/food/fruit/apple.png").size == (32, 16)  # longest side px, aspect kept
+    assert render_tree(svg, tmp_path / "png", px=32, workers=1, progress=lambda line: None)["cached"] == 3
+
+    c = build_openclipart(input=str(svg), short_fraction=0.0, num_users=20)
+    rows = {r["source_id"]: r for r in c.notes.to_pylist()}
+    assert sorted(rows) == ["animals/birds/duck.svg", "animals/birds/owl_01.svg", "food/fruit/apple.svg"]
+    owl = rows["animals/birds/owl_01.svg"]
+    assert (owl["title"], owl["content"], owl["topics"]) == ("night owl", "An owl at night.", ["bird", "owl", "animals", "birds"])
+    assert owl["category"] == "animals/birds" and rows["animals/birds/duck.svg"]["title"] == "duck"
+    assert Image.open(io.BytesIO(rows["food/fruit/apple.svg"]["image"])).mode == "RGB"
+    assert c.report.skipped["source"] == {"pattern_or_gradient": 1, "not_rendered": 1}
+    assert c.report.info["openclipart"]["notes_in_several_categories"] == 1
+
+
+def test_clicks_with_extra_categories():
+    """Without extra categories the log is the single-category one, bit for bit; a note in two
+    categories is clicked from views in both."""
+    from core.data.corpora.synthetic import simulate_clicks
+
+    cats = ["a"] * 5 + ["b"] * 5
+    kw = dict(num_users=40, events_per_user=20, seed=3, p_related=1.0)
+    plain = simulate_clicks(cats, **kw)
+    assert simulate_clicks(cats, extra_categories=[[]] * 10, **kw).equals(plain)
+    graded = simulate_clicks(cats, extra_categories=[["b"]] + [[]] * 9, **kw)  # note 0 is in a and b
+    pairs = list(zip(graded["viewed_note_id"].to_pylist(), graded["clicked_note_id"].to_pylist()))
+    assert {v for v, c in pairs if c == 0} & set(range(5, 10)), "note 0 clicked after a view in b"
+    assert not {v for v, c in pairs if c in range(1, 5)} & set(range(5, 10))  # other a-notes only from a
+    with pytest.raises(ValueError, match="extra_categories has 2 entries for 10 notes"):
+        simulate_clicks(cats, extra_categories=[[], []], **kw)
