@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from core.data.corpora.synthetic import SHORT_TITLES, simulate_clicks
+from core.data.corpora.synthetic import short_note, simulate_clicks, subsample
 from core.data.schema import NOTE_SCHEMA
 
 DROPPED_FOLDERS = ("patterns", "gradients")
@@ -74,34 +74,25 @@ def build_openclipart(input: str | None = None, num_notes: int | None = None, se
     if not rendered:
         raise DataError(f"{png_root}: no rendered PNGs; run: python -m rayjobs.fetch_assets --openclipart")
     rng = np.random.default_rng(seed)
-    if num_notes is not None and num_notes < len(rendered):
-        pick = np.sort(rng.choice(len(rendered), size=num_notes, replace=False))
-        report.skip("source", "not_sampled", len(rendered) - num_notes)
-        rendered = [rendered[i] for i in pick]
+    rendered = subsample(rendered, num_notes, rng, report)
     short = rng.random(len(rendered)) < short_fraction
-    rows = {name: [] for name in NOTE_SCHEMA.names}
-    extra = []
+    rows, extra = [], []
     for i, (rel, folders, png) in enumerate(rendered):
         title, keywords, description = read_metadata(root / rel)
         parts = list(Path(folders[0]).parts)
         if short[i]:
-            title, content, topics = SHORT_TITLES[int(rng.integers(len(SHORT_TITLES)))], "", []
+            title, content, topics = short_note(rng)
         else:
             title = title or Path(rel).stem.replace("_", " ").strip()
             content, topics = description, _unique(keywords + parts)
-        rows["note_id"].append(i)
-        rows["title"].append(title)
-        rows["topics"].append(topics)
-        rows["content"].append(content)
-        rows["image"].append(png.read_bytes())
-        rows["image_uri"].append(None)
-        rows["category"].append(_category(folders[0], category_depth))
-        rows["source_id"].append(rel)
-        extra.append(sorted({_category(f, category_depth) for f in folders[1:]} - {rows["category"][-1]}))
+        category = _category(folders[0], category_depth)
+        rows.append({"note_id": i, "title": title, "topics": topics, "content": content, "image": png.read_bytes(),
+                     "image_uri": None, "category": category, "source_id": rel})
+        extra.append(sorted({_category(f, category_depth) for f in folders[1:]} - {category}))
     report.info["openclipart"] = {"root": str(root), "short_notes": int(short.sum()),
                                   "notes_in_several_categories": sum(bool(e) for e in extra)}
-    notes = pa.table(rows, schema=NOTE_SCHEMA)
-    events = simulate_clicks(np.asarray(rows["category"]), num_users=num_users or max(2, len(rendered) // 2),
+    notes = pa.Table.from_pylist(rows, schema=NOTE_SCHEMA)
+    events = simulate_clicks(np.asarray([r["category"] for r in rows]), num_users=num_users or max(2, len(rows) // 2),
                              events_per_user=events_per_user, seed=seed + 1, extra_categories=extra)
     return Corpus("openclipart", notes, events, report)
 

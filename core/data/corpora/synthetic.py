@@ -131,6 +131,21 @@ def draw_shape(shape: str, rgb: tuple, px: int, rng: np.random.Generator) -> byt
     return buf.getvalue()
 
 
+def subsample(items: list, num_notes: int | None, rng: np.random.Generator, report) -> list:
+    """A seeded subset of `num_notes` items in their order (all when None or more), the rest
+    counted as `source.not_sampled` (the real-corpus adapters share it)."""
+    if num_notes is None or num_notes >= len(items):
+        return items
+    pick = np.sort(rng.choice(len(items), size=num_notes, replace=False))
+    report.skip("source", "not_sampled", len(items) - num_notes)
+    return [items[i] for i in pick]
+
+
+def short_note(rng: np.random.Generator) -> tuple[str, str, list]:
+    """(title, content, topics) of a short note: an uninformative title, nothing else."""
+    return SHORT_TITLES[int(rng.integers(len(SHORT_TITLES)))], "", []
+
+
 def simulate_clicks(categories, *, num_users: int, events_per_user: int, seed: int, p_related: float = 0.85,
                     max_interests: int = 3, extra_categories=None) -> pa.Table:
     """Simulate a click log from category interests (vectorised; see module docstring).

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from core.data.corpora.synthetic import SHORT_TITLES, simulate_clicks
+from core.data.corpora.synthetic import short_note, simulate_clicks, subsample
 from core.data.schema import NOTE_SCHEMA
 
 
@@ -57,33 +57,23 @@ def build_tuxpaint(input: str | None = None, num_notes: int | None = None, seed:
 
         raise DataError(f"{root}: no PNG stamps found (is this the Tux Paint stamps directory?)")
     rng = np.random.default_rng(seed)
-    if num_notes is not None and num_notes < len(pngs):
-        pick = np.sort(rng.choice(len(pngs), size=num_notes, replace=False))
-        report.skip("source", "not_sampled", len(pngs) - num_notes)
-        pngs = [pngs[i] for i in pick]
+    pngs = subsample(pngs, num_notes, rng, report)
     short = rng.random(len(pngs)) < short_fraction
-    rows = {name: [] for name in NOTE_SCHEMA.names}
-    missing_caption = 0
+    rows, missing_caption = [], 0
     for i, png in enumerate(pngs):
         rel = png.relative_to(root)
         parts = list(rel.parent.parts)
         caption = _read_caption(png.with_suffix(".txt"))
         missing_caption += caption is None
         if short[i]:
-            title, content, topics = SHORT_TITLES[int(rng.integers(len(SHORT_TITLES)))], "", []
+            title, content, topics = short_note(rng)
         else:
             title, content, topics = png.stem.replace("_", " ").replace("-", " ").strip(), caption or "", parts
-        rows["note_id"].append(i)
-        rows["title"].append(title)
-        rows["topics"].append(topics)
-        rows["content"].append(content)
-        rows["image"].append(png.read_bytes())
-        rows["image_uri"].append(None)
-        rows["category"].append("/".join(parts[:category_depth]) or "root")
-        rows["source_id"].append(str(rel))
+        rows.append({"note_id": i, "title": title, "topics": topics, "content": content, "image": png.read_bytes(),
+                     "image_uri": None, "category": "/".join(parts[:category_depth]) or "root", "source_id": str(rel)})
     report.info["tuxpaint"] = {"root": str(root), "png_without_caption": missing_caption, "short_notes": int(short.sum())}
-    notes = pa.table(rows, schema=NOTE_SCHEMA)
-    events = simulate_clicks(np.asarray(rows["category"]), num_users=num_users or max(2, len(pngs) // 2),
+    notes = pa.Table.from_pylist(rows, schema=NOTE_SCHEMA)
+    events = simulate_clicks(np.asarray([r["category"] for r in rows]), num_users=num_users or max(2, len(pngs) // 2),
                              events_per_user=events_per_user, seed=seed + 1)
     return Corpus("tuxpaint", notes, events, report)
 
