@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -314,8 +315,12 @@ def _validate(engine, cfg: RunConfig, device) -> dict:
     return {**flatten_recall(report), **flatten_recall_ci(report)}
 
 
-def train_fn_per_worker(config: dict) -> None:
-    """Train one NoteLLM-2 run; `config["run"]` is a `RunConfig` dict."""
+def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iterable] | None = None) -> None:
+    """Train one NoteLLM-2 run; `config["run"]` is a `RunConfig` dict.
+
+    `wrap_batches`, when given, wraps each epoch's batch iterator of the Ray Data shard (the
+    benchmark times batch arrivals with it); it must yield the same batches.
+    """
     import deepspeed
     import ray.train
 
@@ -435,7 +440,7 @@ def train_fn_per_worker(config: dict) -> None:
     batches_in_epoch = skip_batches
     while epoch < t.epochs and step < total_steps:
         batches_in_epoch = 0
-        for batch in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
+        for batch in (wrap_batches or iter)(shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True)):
             batches_in_epoch += 1
             if epoch == start_epoch and batches_in_epoch <= skip_batches:
                 continue  # consumed before the interruption
