@@ -40,6 +40,7 @@ import torch
 
 from core.config import RunConfig
 from core.metrics import flatten_recall, flatten_recall_ci
+from core.paths import is_remote
 
 log = logging.getLogger("notellm2.train")
 
@@ -172,7 +173,7 @@ def _pick_resume_dir(checkpoint, run_dir: Path, rank: int, device) -> tuple[Path
         checkpoints would let Ray's retention delete a directory it still lists.
     """
     latest = Path(checkpoint.path).resolve() if checkpoint is not None else None
-    if latest is not None and ("://" in str(checkpoint.path) or not latest.is_dir()):
+    if latest is not None and (is_remote(checkpoint.path) or not latest.is_dir()):
         return None, ""  # remote storage: trust Ray's latest (checked after download)
     candidates = resume_candidates(run_dir, latest)
     suffix = f"-resume{len(candidates)}"
@@ -271,7 +272,7 @@ def _keep_local_checkpoint(tmp: str, cfg: RunConfig, name: str) -> str:
     """Local mode (`train.num_workers=0`) with local storage: move the finished checkpoint into
     `<storage>/<name>/<checkpoint dir>` (Ray would leave it in /tmp) and keep the newest
     `train.keep_checkpoints` of them. Remote storage: leave it where it is."""
-    if "://" in str(cfg.train.storage_path):
+    if is_remote(cfg.train.storage_path):
         return tmp
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +360,7 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
     step, start_epoch, skip_batches, history, resumes = 0, 0, 0, [], []
     ckpt_suffix = ""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None or "://" not in t.storage_path:
+    if checkpoint is not None or not is_remote(t.storage_path):
         local_dir, ckpt_suffix = _pick_resume_dir(checkpoint, Path(t.storage_path) / t.name, rank, device)
         if local_dir is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(local_dir))
@@ -392,7 +393,7 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
 
     writer = None
     run_dir = Path(t.storage_path) / t.name
-    if rank == 0 and "://" not in t.storage_path:
+    if rank == 0 and not is_remote(t.storage_path):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
