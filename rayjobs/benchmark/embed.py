@@ -8,38 +8,20 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-import torch
 
 from core.config import RunConfig
-from core.data.pipeline import NotePreprocessor
-from core.evaluation import embed_batch, read_notes
-from core.model.builders import build_model
+from core.evaluation import read_notes
 from rayjobs.benchmark.harness import TARGETS, Context, StepRecorder, figure, log, spread
+from rayjobs.benchmark.spawned import embed_plain_job
 from rayjobs.evaluate import embed_with_ray
 from rayjobs.train import ensure_ray
-
-
-def _embed_plain_job(run_dict: dict, data_dir: str, note_ids: list, batch_size: int) -> dict:
-    """One plain-loop embedding process (1 torch thread): model build, then preprocess + embed."""
-    torch.set_num_threads(1)
-    cfg = RunConfig.from_dict(run_dict, "benchmark")
-    t0 = time.time()
-    model, _ = build_model(cfg.model, cfg.loss, seed=cfg.train.seed)
-    model.eval()
-    prep = NotePreprocessor(cfg.model)
-    notes = read_notes(data_dir, note_ids=note_ids)
-    t1 = time.time()
-    with torch.no_grad():
-        for i in range(0, notes.num_rows, batch_size):
-            embed_batch(model, prep(notes.slice(i, batch_size)), "cpu")
-    return {"build_s": t1 - t0, "embed_s": time.time() - t1, "notes": notes.num_rows}
 
 
 def _plain_embed(cfg: RunConfig, note_ids: np.ndarray, procs: int, batch_size: int) -> tuple[float, float]:
     """(steady notes/s, start-up s) of `procs` plain processes, each embedding its share."""
     shares = np.array_split(note_ids, procs)
     with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
-        results = list(pool.map(_embed_plain_job, [cfg.to_dict()] * procs, [cfg.data.path] * procs,
+        results = list(pool.map(embed_plain_job, [cfg.to_dict()] * procs, [cfg.data.path] * procs,
                                 [s.tolist() for s in shares], [batch_size] * procs))
     return len(note_ids) / max(r["embed_s"] for r in results), max(r["build_s"] for r in results)
 

@@ -28,7 +28,8 @@ TOY_MODEL = yaml.safe_load(SMOKE_CONFIG.read_text())["model"]
 """The `toy` size's model: the smoke run's tiny random-init model."""
 
 SIZES = {
-    "toy": dict(model=TOY_MODEL, num_notes=160, batch_size=8, warmup_steps=2, steps=8, pipeline_repeats=1,
+    # toy: the structure of every figure, not its value (CI); its time is process start-up, not steps
+    "toy": dict(model=TOY_MODEL, num_notes=160, batch_size=8, warmup_steps=1, steps=4, pipeline_repeats=1,
                 embed_batch=16, embed_repeats=1, recall=[(20_000, 64, 64)],
                 recall_repeats=1, mining=[(100_000, 1)]),
     "full": dict(model=BENCH_MODEL, num_notes=240, batch_size=8, warmup_steps=5, steps=29, pipeline_repeats=2,

@@ -3,62 +3,10 @@ full-argsort implementation: time and peak RSS, each case in a fresh process."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
-import psutil
-import torch
 
-from core.metrics import target_ranks
 from rayjobs.benchmark.harness import TARGETS, Context, figure, in_fresh_process, log, spread
-
-
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
-
-
-def argsort_ranks(query: torch.Tensor, cand: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The plain baseline: full score matrix, full descending argsort, target's position."""
-    scores = query @ cand.T  # [Q, C]
-    order = scores.argsort(dim=1, descending=True)  # [Q, C]
-    return (order == target[:, None]).nonzero()[:, 1]  # position of the target: candidates sorted above it
-
-
-def _recall_job(n_cand: int, dim: int, n_query: int, repeats: int, seed: int = 0) -> dict:
-    """Runs in a fresh process: times each method and samples RSS above the inputs' footprint.
-
-    Methods run one after the other; their large buffers are freed (returned to the OS) in
-    between, so each method's peak is measured against the RSS just before it starts.
-    """
-    g = torch.Generator().manual_seed(seed)
-    cand = torch.randn(n_cand, dim, generator=g)  # float32 [C, d]
-    query = torch.randn(n_query, dim, generator=g)
-    target = torch.randint(0, n_cand, (n_query,), generator=g)
-    methods = {"chunked": lambda: target_ranks(query, cand, target),  # the default: float32 GEMM + float64 recheck
-               "argsort": lambda: argsort_ranks(query, cand, target)}
-    out = {}
-    for name, fn in methods.items():
-        base = _rss()
-        peak, stop = [base], threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], _rss())
-                time.sleep(0.002)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            ranks = fn()
-            times.append(time.perf_counter() - t0)
-        stop.set()
-        thread.join()
-        out[name] = {"seconds": times, "peak_extra_mb": (peak[0] - base) / 2**20, "ranks": ranks.tolist()}
-        del ranks
-    return out
+from rayjobs.benchmark.spawned import recall_job
 
 
 def run(ctx: Context) -> dict:
@@ -67,7 +15,7 @@ def run(ctx: Context) -> dict:
     for n_cand, dim, n_query in ctx.p["recall"]:
         tag = f"{n_cand // 1000}k_{dim}d"
         log(f"recall: {n_cand:,} candidates x {dim}-d, {n_query} queries")
-        res = in_fresh_process(_recall_job, n_cand, dim, n_query, reps)
+        res = in_fresh_process(recall_job, n_cand, dim, n_query, reps)
         # The baseline ranks by a float32 score matrix (ties and one-ulp errors broken by sort position); the
         # chunked path's ranks are exact (float64 comparisons). They may differ only for such near-ties.
         diff = np.abs(np.asarray(res["chunked"]["ranks"]) - np.asarray(res["argsort"]["ranks"]))
