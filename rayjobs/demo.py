@@ -43,6 +43,7 @@ from core.config import ConfigError, RunConfig, dump_run_config, load_run_config
 from core.data.pipeline import needs_image
 from core.evaluation import paired_difference, validation_recall
 from core.metrics import SUBSETS, format_recall_ci, parse_metric_key
+from core.paths import is_remote
 from rayjobs.leaderboard import TEST_METRICS_FILE
 from rayjobs.tune import run_sweep, short_value
 from search_spaces.schema import SweepError
@@ -112,7 +113,7 @@ def evaluate_modalities(final: dict, data_dir: str) -> dict:
     with torch.no_grad():
         out = {m: validation_recall(model, data_dir, cfg, "cpu", modality=m, split="test", return_per_query=True)
                for m in _modalities(cfg)}
-    if final.get("run_dir") and "://" not in str(final["run_dir"]):
+    if final.get("run_dir") and not is_remote(final["run_dir"]):
         (Path(final["run_dir"]) / TEST_METRICS_FILE).write_text(json.dumps(out["both"][0], indent=2))
     return out
 
@@ -152,7 +153,7 @@ def best_trial(sweep: dict | None) -> dict | None:
     """final_metrics.json of the sweep's best trial if it finished (ASHA-stopped trials write
     none) and exported a model; None otherwise (remote storage included)."""
     run_dir = ((sweep or {}).get("best") or {}).get("run_dir")
-    path = Path(run_dir) / "final_metrics.json" if run_dir and "://" not in str(run_dir) else None
+    path = Path(run_dir) / "final_metrics.json" if run_dir and not is_remote(run_dir) else None
     if path is None or not path.exists():
         return None
     final = json.loads(path.read_text())

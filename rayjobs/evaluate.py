@@ -40,11 +40,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from core.config import EVAL_POOLS, MODALITIES, TIE_POLICIES
+from core.paths import is_remote
 
 BASELINES = ("image-features",)
 INDEXES = ("exact", "hnsw", "ivf")
@@ -124,10 +126,12 @@ def init_ray(num_cpus: int | None):
 
 def embed_with_ray(data_dir: str, run_cfg, note_ids, *, checkpoint: str | None = None, untrained: dict | None = None,
                    kind: str = "multimodal", modality: str = "both", actors: int = 1, batch_size: int = 32,
-                   progress: bool = True):
+                   progress: bool = True, wrap_batches: Callable[[Iterable], Iterable] | None = None):
     """Embed `note_ids` with a Ray Data actor pool; returns (note_ids int64 [N], embeddings float32 [N, d]).
 
     Ray must be initialised. Each actor loads the model once; `num_gpus=1` per actor on GPU nodes.
+    `wrap_batches`, when given, wraps the iterator over the embedded batches (the benchmark times
+    their arrivals with it); it must yield the same batches.
     """
     import ray
     import torch
@@ -151,7 +155,7 @@ def embed_with_ray(data_dir: str, run_cfg, note_ids, *, checkpoint: str | None =
     )
     total = len(note_ids)
     ids, embs, done, last = [], [], 0, 0.0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in (wrap_batches or iter)(ds.iter_batches(batch_size=None, batch_format="numpy")):
         ids.append(np.asarray(batch["note_id"], dtype=np.int64))
         embs.append(np.asarray(batch["embedding"], dtype=np.float32))
         done += len(ids[-1])
@@ -227,19 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
 def check_args(args) -> str | None:
     """The first problem with the arguments, as one line, or None."""
     if (args.checkpoint is None) == (args.untrained is None):
         return "give exactly one of --checkpoint PATH or --untrained CONFIG.yaml"
-    if args.checkpoint and not _is_remote(args.checkpoint) and not Path(args.checkpoint).exists():
+    if args.checkpoint and not is_remote(args.checkpoint) and not Path(args.checkpoint).exists():
         return f"--checkpoint {args.checkpoint}: no such file or directory"
     if args.untrained and not Path(args.untrained).is_file():
         return f"--untrained {args.untrained}: no such config file"
-    if not _is_remote(args.data):
+    if not is_remote(args.data):
         for name in ("notes.parquet", f"pairs_{args.split}.parquet"):
             if not (Path(args.data) / name).exists():
                 return f"--data {args.data}: {name} not found (prepare it with python -m rayjobs.prepare_data)"

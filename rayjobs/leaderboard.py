@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from core.metrics import CI_SUFFIXES, SPLIT_PREFIXES, SUBSETS, flatten_recall, flatten_recall_ci, parse_metric_key
+from core.paths import is_remote
 
 TEST_METRICS_FILE = "test_metrics.json"
 """A run directory's final test evaluation (`core.evaluation.evaluate_embeddings` metrics)."""
@@ -85,7 +86,7 @@ def _last_result(result_json: Path) -> dict | None:
 def _history_from_checkpoints(run_dir: Path, checkpoint: str | None) -> list[tuple[int, float]]:
     """(step, loss) pairs from the run's final (else latest) checkpoint state.json."""
     candidates = []
-    if checkpoint and "://" not in str(checkpoint):
+    if checkpoint and not is_remote(checkpoint):
         candidates.append(Path(checkpoint) / "state.json")
     candidates += sorted(run_dir.glob("checkpoint_*/state.json"), reverse=True)
     for state_file in candidates:
@@ -330,7 +331,7 @@ def write_csv(rows: list[dict], cols: list[str], path: Path) -> None:
 
 def _under(path: str | None, root: str | Path) -> str | None:
     """`path` relative to `root` when it lies under it (the Markdown table stays readable)."""
-    if not path or "://" in str(path):
+    if not path or is_remote(path):
         return path
     try:
         return str(Path(path).resolve().relative_to(Path(root).resolve()))

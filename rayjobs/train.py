@@ -21,18 +21,16 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from core.config import ConfigError, RunConfig, load_run_config
 from core.metrics import parse_metric_key
+from core.paths import absolute, is_remote
+from rayjobs.train_worker import train_fn_per_worker
 
 EXIT_USAGE = 2
 LOCAL_ENV = Path(__file__).resolve().parents[1] / "cluster" / "local_env.yaml"
-
-
-def storage_uri(path: str) -> str:
-    """Ray wants absolute local paths; URIs (s3://, gs://) pass through."""
-    return path if "://" in path else os.path.abspath(path)
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -41,15 +39,15 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
 
     if os.environ.get("RAY_ADDRESS"):
         for field, value in (("data.path", cfg.data.path), ("train.storage_path", cfg.train.storage_path)):
-            if "://" not in value and not os.path.isabs(value):
+            if not is_remote(value) and not os.path.isabs(value):
                 # under `ray job submit` the working dir is a temporary copy on the head node only
                 print(f"[train] warning: {field}={value!r} is relative; on a cluster it resolves inside the "
                       "job's temporary working-dir copy. Use shared storage (s3://..., /mnt/efs/...).",
                       file=sys.stderr, flush=True)
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, path=storage_uri(cfg.data.path)),
-        train=dataclasses.replace(cfg.train, storage_path=storage_uri(cfg.train.storage_path)),
+        data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)),
+        train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path)),
     )
 
 
@@ -87,7 +85,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 def ensure_data(cfg: RunConfig) -> None:
     """Prepare the corpus named in `data.corpus` when `data.path` has no prepared data; check
     prepared data (pairs must name existing notes: the pipeline's join would drop them silently)."""
-    if "://" in cfg.data.path:
+    if is_remote(cfg.data.path):
         return
     from core.data.schema import PAIRS_FILES, check_prepared
 
@@ -114,13 +112,18 @@ def pairs_needed(cfg: RunConfig) -> int | None:
     return batches * t.batch_size * max(t.num_workers, 1)
 
 
-def build_trainer(cfg: RunConfig):
-    """The TorchTrainer for one run (Tune trials reuse this)."""
+def build_trainer(cfg: RunConfig, *, callbacks: Sequence = (), train_fn: Callable[[dict], None] = train_fn_per_worker):
+    """The TorchTrainer for one run (Tune trials reuse this).
+
+    Args:
+        cfg: the run's config (paths as the workers should see them).
+        callbacks: Ray Train callbacks added to the run (Tune's report forwarding).
+        train_fn: the per-worker function; the benchmark passes a timed wrapper of the real one.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from core.data.pipeline import pair_dataset
-    from rayjobs.train_worker import train_fn_per_worker
 
     t = cfg.train
     scaling = ray.train.ScalingConfig(
@@ -128,12 +131,13 @@ def build_trainer(cfg: RunConfig):
         resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
     )
     run_config = ray.train.RunConfig(
-        name=t.name, storage_path=storage_uri(t.storage_path),
+        name=t.name, storage_path=absolute(t.storage_path),
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        callbacks=list(callbacks),
     )
     return TorchTrainer(
-        train_fn_per_worker,
+        train_fn,
         train_loop_config={"run": cfg.to_dict()},
         scaling_config=scaling,
         run_config=run_config,
@@ -142,20 +146,24 @@ def build_trainer(cfg: RunConfig):
     )
 
 
-def run_training(cfg: RunConfig) -> dict:
-    """Fit one run; returns final metrics plus `run_dir`, `checkpoint` and `export` paths."""
+def run_training(cfg: RunConfig, *, callbacks: Sequence = (),
+                 train_fn: Callable[[dict], None] = train_fn_per_worker) -> dict:
+    """Fit one run; returns final metrics plus `run_dir`, `checkpoint` and `export` paths.
+
+    `callbacks` and `train_fn` go to `build_trainer`.
+    """
     cfg = resolve_paths(cfg)
     ensure_data(cfg)  # before Ray starts: bad data fails in seconds
     ensure_ray()
     started = time.time()
-    result = build_trainer(cfg).fit()
+    result = build_trainer(cfg, callbacks=callbacks, train_fn=train_fn).fit()
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})
-    run_dir = Path(storage_uri(cfg.train.storage_path)) / cfg.train.name
+    run_dir = Path(absolute(cfg.train.storage_path)) / cfg.train.name
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     export = None
-    if ckpt_path and "://" not in ckpt_path and (Path(ckpt_path) / "export").is_dir():
+    if ckpt_path and not is_remote(ckpt_path) and (Path(ckpt_path) / "export").is_dir():
         export = run_dir / "export"
         tmp = run_dir / "export.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,7 +179,7 @@ def run_training(cfg: RunConfig) -> dict:
         "export": str(export) if export else None,
         "config": cfg.to_dict(),
     }
-    if "://" not in str(run_dir):
+    if not is_remote(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2, default=str))
     return final

@@ -33,12 +33,14 @@ import shutil
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from core.config import RunConfig
 from core.metrics import flatten_recall, flatten_recall_ci
+from core.paths import is_remote
 
 log = logging.getLogger("notellm2.train")
 
@@ -171,7 +173,7 @@ def _pick_resume_dir(checkpoint, run_dir: Path, rank: int, device) -> tuple[Path
         checkpoints would let Ray's retention delete a directory it still lists.
     """
     latest = Path(checkpoint.path).resolve() if checkpoint is not None else None
-    if latest is not None and ("://" in str(checkpoint.path) or not latest.is_dir()):
+    if latest is not None and (is_remote(checkpoint.path) or not latest.is_dir()):
         return None, ""  # remote storage: trust Ray's latest (checked after download)
     candidates = resume_candidates(run_dir, latest)
     suffix = f"-resume{len(candidates)}"
@@ -270,7 +272,7 @@ def _keep_local_checkpoint(tmp: str, cfg: RunConfig, name: str) -> str:
     """Local mode (`train.num_workers=0`) with local storage: move the finished checkpoint into
     `<storage>/<name>/<checkpoint dir>` (Ray would leave it in /tmp) and keep the newest
     `train.keep_checkpoints` of them. Remote storage: leave it where it is."""
-    if "://" in str(cfg.train.storage_path):
+    if is_remote(cfg.train.storage_path):
         return tmp
     run_dir = Path(cfg.train.storage_path) / cfg.train.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -314,8 +316,12 @@ def _validate(engine, cfg: RunConfig, device) -> dict:
     return {**flatten_recall(report), **flatten_recall_ci(report)}
 
 
-def train_fn_per_worker(config: dict) -> None:
-    """Train one NoteLLM-2 run; `config["run"]` is a `RunConfig` dict."""
+def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iterable] | None = None) -> None:
+    """Train one NoteLLM-2 run; `config["run"]` is a `RunConfig` dict.
+
+    `wrap_batches`, when given, wraps each epoch's batch iterator of the Ray Data shard (the
+    benchmark times batch arrivals with it); it must yield the same batches.
+    """
     import deepspeed
     import ray.train
 
@@ -354,7 +360,7 @@ def train_fn_per_worker(config: dict) -> None:
     step, start_epoch, skip_batches, history, resumes = 0, 0, 0, [], []
     ckpt_suffix = ""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None or "://" not in t.storage_path:
+    if checkpoint is not None or not is_remote(t.storage_path):
         local_dir, ckpt_suffix = _pick_resume_dir(checkpoint, Path(t.storage_path) / t.name, rank, device)
         if local_dir is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(local_dir))
@@ -387,7 +393,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     writer = None
     run_dir = Path(t.storage_path) / t.name
-    if rank == 0 and "://" not in t.storage_path:
+    if rank == 0 and not is_remote(t.storage_path):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -435,7 +441,7 @@ def train_fn_per_worker(config: dict) -> None:
     batches_in_epoch = skip_batches
     while epoch < t.epochs and step < total_steps:
         batches_in_epoch = 0
-        for batch in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
+        for batch in (wrap_batches or iter)(shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True)):
             batches_in_epoch += 1
             if epoch == start_epoch and batches_in_epoch <= skip_batches:
                 continue  # consumed before the interruption

@@ -30,7 +30,6 @@ Sweep directory `<storage>/<name>/`:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -43,6 +42,8 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from core.config import ConfigError, RunConfig, apply_overrides, dump_run_config
+from core.paths import absolute, is_remote, join
+from rayjobs.train import ensure_data, ensure_ray, run_training
 from search_spaces.schema import SweepSpec, load_sweep, overrides_from_params
 
 EXIT_USAGE = 2
@@ -119,15 +120,10 @@ def short_value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _absolute(path: str) -> str:
-    """Trials run in their own working directory: local relative paths are made absolute first."""
-    return path if "://" in path or os.path.isabs(path) else os.path.abspath(path)
-
-
 def prepare_base(spec: SweepSpec) -> dict:
     """The base run config of every trial (fixed parameters applied, local paths absolute)."""
     raw = spec.base_raw()
-    raw["data"]["path"] = _absolute(raw["data"]["path"])
+    raw["data"]["path"] = absolute(raw["data"]["path"])  # trials run in their own working directory
     for key in ("llm", "vision"):
         if Path(raw["model"][key]).exists():  # a local model directory (registry names stay as they are)
             raw["model"][key] = os.path.abspath(raw["model"][key])
@@ -163,28 +159,6 @@ def max_concurrent_trials(cluster: dict[str, float], need: dict[str, float]) -> 
     return max(1, min(fits) if fits else 1)
 
 
-def _fit(cfg: RunConfig, callbacks: list) -> dict:
-    """`rayjobs.train.run_training` with extra Train callbacks on the TorchTrainer."""
-    from rayjobs import train
-
-    if "callbacks" in inspect.signature(train.run_training).parameters:
-        return train.run_training(cfg, callbacks=callbacks)
-    # run_training builds its trainer internally; this trial process is the only user of the
-    # module, so wrap build_trainer here for the duration of this one run.
-    original = train.build_trainer
-
-    def build_with_callbacks(c):
-        trainer = original(c)
-        trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), *callbacks]
-        return trainer
-
-    train.build_trainer = build_with_callbacks
-    try:
-        return train.run_training(cfg)
-    finally:
-        train.build_trainer = original
-
-
 def run_trial(params: dict, *, sweep: str, metric: str, base: dict, runs_dir: str) -> None:
     """The Tune trainable: train one configuration; metrics reach Tune through SweepReportCallback."""
     import ray.tune
@@ -196,7 +170,7 @@ def run_trial(params: dict, *, sweep: str, metric: str, base: dict, runs_dir: st
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_run_config(cfg, run_dir / "run_config.yaml")  # the leaderboard reads it for unfinished runs
     print(f"[tune] trial {trial_id}: Train run {run_dir}", flush=True)
-    final = _fit(cfg, [SweepReportCallback(metric, run_name, str(run_dir))])
+    final = run_training(cfg, callbacks=[SweepReportCallback(metric, run_name, str(run_dir))])
     if metric not in final:
         reported = sorted(k for k in final if k != "config")
         raise RuntimeError(f"trial {trial_id}: metric {metric!r} was never reported "
@@ -239,8 +213,8 @@ def trial_name(trial) -> str:
 
 def sweep_paths(storage: str, name: str) -> tuple[str, str]:
     """(storage root, sweep directory) as absolute paths or URIs."""
-    root = _absolute(storage)
-    return root, (f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name))
+    root = absolute(storage)
+    return root, join(root, name)
 
 
 def check_same_parameters(sweep_dir: Path, spec: SweepSpec) -> None:
@@ -264,14 +238,12 @@ def run_sweep(spec: SweepSpec, *, storage: str | None = None, name: str | None =
     import ray
     import ray.tune
 
-    from rayjobs.train import ensure_data, ensure_ray
-
     if name:
         spec.name = name
     if num_samples:
         spec.num_samples = num_samples
     root, sweep_dir = sweep_paths(storage or spec.storage, spec.name)
-    local = "://" not in sweep_dir
+    local = not is_remote(sweep_dir)
     exists = ray.tune.Tuner.can_restore(sweep_dir) if not local or Path(sweep_dir).exists() else False
     if resume and not exists:  # e.g. killed before Tune saved any state: nothing is lost
         print(f"[tune] --resume: no Tune state in {sweep_dir} yet; starting the sweep", flush=True)
@@ -281,13 +253,13 @@ def run_sweep(spec: SweepSpec, *, storage: str | None = None, name: str | None =
                           "or --name NAME for a new one")
     if resume and local:
         check_same_parameters(Path(sweep_dir), spec)
-    runs_dir = f"{sweep_dir}/{RUNS_DIR}"
+    runs_dir = join(sweep_dir, RUNS_DIR)
     if local:
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
         study_url = study_url or f"sqlite:///{Path(sweep_dir) / STUDY_FILE}"
         (Path(sweep_dir) / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2, default=str))
     elif study_url is None:
-        local_db = Path(_absolute("runs")) / f"optuna-{spec.name}.db"
+        local_db = Path(absolute("runs")) / f"optuna-{spec.name}.db"
         local_db.parent.mkdir(parents=True, exist_ok=True)
         study_url = f"sqlite:///{local_db}"
         print(f"[tune] sweep storage is remote; the Optuna study is kept in {local_db}", flush=True)

@@ -13,13 +13,15 @@ import warnings
 
 import numpy as np
 
+from core.paths import is_remote
+
 MAX_IMAGE_PIXELS = 40_000_000
 """Refuse images larger than this many pixels (a 40 MP photo decodes to 120 MB of RGB)."""
 
 
 def read_uri(uri: str) -> bytes:
     """Bytes of a local path or an `s3://` / `gs://` object (via pyarrow.fs)."""
-    if "://" in uri and not uri.startswith("file://"):
+    if is_remote(uri) and not uri.startswith("file://"):
         import pyarrow.fs as pafs
 
         fs, path = pafs.FileSystem.from_uri(uri)

@@ -41,6 +41,7 @@ from typing import Iterator
 import numpy as np
 
 from core.data.schema import NOTES_FILE, PAIRS_FILES, data_path
+from core.paths import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def pair_join_mode(notes_path: str, mode: str) -> str:
     import pyarrow.fs
 
     try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(notes_path) if "://" in notes_path else (pyarrow.fs.LocalFileSystem(), notes_path)
+        fs, path = pyarrow.fs.FileSystem.from_uri(notes_path) if is_remote(notes_path) else (pyarrow.fs.LocalFileSystem(), notes_path)
         size = fs.get_file_info(path).size
     except Exception:  # an unusual filesystem: the join scales to anything
         return "shuffle"
@@ -278,7 +279,7 @@ def _num_partitions(pairs_path: str) -> int:
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.ParquetFile(pairs_path).metadata.num_rows if "://" not in pairs_path else pq.read_metadata(pairs_path).num_rows
+        rows = pq.ParquetFile(pairs_path).metadata.num_rows if not is_remote(pairs_path) else pq.read_metadata(pairs_path).num_rows
     except Exception:  # a directory of files or an unusual filesystem: fall back to a small default
         rows = PAIRS_PER_PARTITION
     return int(min(200, max(1, math.ceil(rows / PAIRS_PER_PARTITION))))

@@ -47,9 +47,6 @@ class DataReport:
         self.counts.update(other.counts)
         self.info.update(other.info)
 
-    def skipped_total(self, stage: str) -> int:
-        return int(sum(self.skipped.get(stage, {}).values()))
-
     def to_dict(self) -> dict:
         return {
             "counts": dict(self.counts),

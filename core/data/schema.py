@@ -24,6 +24,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.paths import is_remote, join
+
 NOTES_FILE = "notes.parquet"
 EVENTS_FILE = "events.parquet"
 PAIRS_FILES = {"train": "pairs_train.parquet", "val": "pairs_val.parquet", "test": "pairs_test.parquet"}
@@ -62,36 +64,6 @@ class DataError(ValueError):
     """Input data cannot be used at all; the message is one line naming the file or column."""
 
 
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
-
-
-def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
-    """Select and cast `table` to `schema`; optional (nullable) missing columns become nulls.
-
-    Raises:
-        DataError: a required column is missing or a column cannot be cast.
-    """
-    cols = []
-    for field in schema:
-        if field.name in table.column_names:
-            col = table.column(field.name)
-            if col.type != field.type:
-                try:
-                    col = col.cast(field.type)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-                    raise DataError(f"{what}: column {field.name!r} of type {col.type} cannot become {field.type}: {err}") from None
-            cols.append(col)
-        elif field.nullable:
-            cols.append(pa.nulls(table.num_rows, field.type))
-        else:
-            raise DataError(f"{what}: required column {field.name!r} is missing (has {table.column_names})")
-    bad = [f.name for f, c in zip(schema, cols) if not f.nullable and c.null_count]
-    if bad:
-        raise DataError(f"{what}: required column(s) {bad} contain nulls; drop those rows first")
-    return pa.Table.from_arrays(cols, schema=schema)
-
-
 def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """Read one Parquet file or a directory of them; an unreadable input fails with one line.
 
@@ -100,7 +72,7 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
     """
     path = str(path)
     try:
-        if "://" in path:
+        if is_remote(path):
             return pq.read_table(path, columns=columns)
         p = Path(path)
         if p.is_dir():
@@ -138,22 +110,9 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> None:
     tmp.replace(path)
 
 
-def has_prepared_data(data_dir: str | os.PathLike) -> bool:
-    """True when `data_dir` holds notes and both pair files."""
-    if "://" in str(data_dir):
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(str(data_dir))
-        names = [NOTES_FILE, *PAIRS_FILES.values()]
-        infos = fs.get_file_info([f"{root.rstrip('/')}/{n}" for n in names])
-        return all(i.type == pafs.FileType.File for i in infos)
-    d = Path(data_dir)
-    return (d / NOTES_FILE).is_file() and all((d / f).is_file() for f in PAIRS_FILES.values())
-
-
 def data_path(data_dir: str | os.PathLike, name: str) -> str:
     """`data_dir/name` for local paths and URIs alike."""
-    return f"{str(data_dir).rstrip('/')}/{name}"
+    return join(data_dir, name)
 
 
 def validate_notes(notes: pa.Table, report, *, short_text_chars: int = 20, embed_images: bool = True,

@@ -11,8 +11,21 @@ from pathlib import Path
 import pytest
 
 from core.config import load_run_config
+from rayjobs.train import build_trainer, run_training
+from rayjobs.train_worker import train_fn_per_worker
 
 SMOKE = Path(__file__).resolve().parents[2] / "rayjobs" / "configs" / "smoke.yaml"
+BATCH_SIZES_SEEN: list[int] = []
+
+
+def counting_train_fn(config: dict) -> None:
+    """The real worker function, its batch iterator wrapped through the `wrap_batches` seam."""
+    def count(batches):
+        for batch in batches:
+            BATCH_SIZES_SEEN.append(len(batch["q_note_id"]))
+            yield batch
+
+    train_fn_per_worker(config, wrap_batches=count)
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +71,38 @@ def test_train_cli_runs_and_prints_each_worker_line_once(tmp_path, smoke_data):
 
 def test_local_mode_worker_function_runs_twice_in_one_process(ray_local, tmp_path, smoke_data):
     """Ray Train local mode (num_workers=0) runs train_fn_per_worker in-process; a second run in
-    the same process must not trip over the first run's (destroyed) DeepSpeed process groups."""
-    from rayjobs.train import run_training
-
-    for name in ("local", "local-again"):
+    the same process must not trip over the first run's (destroyed) DeepSpeed process groups.
+    The second run goes through `run_training(train_fn=...)` with a wrapped batch iterator."""
+    BATCH_SIZES_SEEN.clear()
+    for name, train_fn in (("local", train_fn_per_worker), ("local-again", counting_train_fn)):
         final = run_training(smoke_cfg(tmp_path, smoke_data, name, "train.num_workers=0", "train.max_steps=2",
-                                       "train.deepspeed=zero0", "train.checkpoint_every=0"))
+                                       "train.deepspeed=zero0", "train.checkpoint_every=0"), train_fn=train_fn)
         assert final["steps"] == 2
         assert [h["step"] for h in history(final)] == [1, 2]
         assert 0.0 <= final["R@10"] <= 1.0
+    assert BATCH_SIZES_SEEN == [8, 8]  # the wrapper saw exactly the two training batches
+
+
+def test_build_trainer_takes_callbacks_and_worker_function(ray_local, tmp_path, smoke_data):
+    """Tune and the benchmark change the trainer through parameters, not by patching this module."""
+    import ray.train
+
+    class Marker(ray.train.UserCallback):
+        pass
+
+    cfg = smoke_cfg(tmp_path, smoke_data, "params")
+    default = build_trainer(cfg)
+    assert default.train_loop_per_worker is train_fn_per_worker and not default.run_config.callbacks
+    marker = Marker()
+    trainer = build_trainer(cfg, callbacks=[marker], train_fn=counting_train_fn)
+    assert trainer.train_loop_per_worker is counting_train_fn
+    assert trainer.run_config.callbacks == [marker]
 
 
 def test_rerun_resumes_from_a_checkpoint_only_the_run_directory_knows(ray_local, tmp_path, smoke_data, capfd):
     """Ray's own run state may miss a checkpoint that is complete on disk (a driver killed between
     a worker writing it and the controller saving its state; local mode keeps no state at all).
     The rerun finds it in the run directory, skips a newer incomplete one, and continues."""
-    from rayjobs.train import run_training
-
     args = ("train.num_workers=0", "train.deepspeed=zero0", "train.checkpoint_every=2")
     first = run_training(smoke_cfg(tmp_path, smoke_data, "orphan", *args, "train.max_steps=2"))
     assert first["steps"] == 2
@@ -96,8 +124,6 @@ def test_rerun_resumes_from_a_checkpoint_only_the_run_directory_knows(ray_local,
 def test_rerun_with_another_model_config_refuses_the_old_checkpoint(ray_local, tmp_path, smoke_data):
     """Same train.name, different model: resuming would load weights of another model (or train
     zero steps and report the old model's recall under the new config); it fails, naming the field."""
-    from rayjobs.train import run_training
-
     args = ("train.num_workers=0", "train.deepspeed=zero0", "train.checkpoint_every=2", "train.max_steps=2")
     run_training(smoke_cfg(tmp_path, smoke_data, "changed", *args))
     with pytest.raises(Exception, match=r"model\.prompt_mode='micl' \(this run: 'basic'\)"):
@@ -124,8 +150,6 @@ def mean_pair_loss(model, cfg, data_dir, batches=8) -> float:
 def test_two_workers_zero2_loss_falls(ray_local, tmp_path, smoke_data):
     from core.checkpoint import load_export
     from core.model.builders import build_model
-    from rayjobs.train import run_training
-
     cfg = smoke_cfg(tmp_path, smoke_data, "zero2", "train.max_steps=30", "train.lr=0.01", "train.checkpoint_every=0")
     final = run_training(cfg)
     assert final["steps"] == 30 and len(history(final)) == 30
@@ -140,8 +164,6 @@ def test_two_workers_zero2_loss_falls(ray_local, tmp_path, smoke_data):
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
 def test_checkpoint_resume_continues_from_saved_step(ray_local, tmp_path, smoke_data, stage):
     """Run 4 steps; rerun the same name asking for 6: it resumes at step 4 instead of restarting."""
-    from rayjobs.train import run_training
-
     first = run_training(smoke_cfg(tmp_path, smoke_data, f"resume-{stage}", f"train.deepspeed={stage}",
                                    "train.max_steps=4", "train.checkpoint_every=2"))
     assert first["steps"] == 4
@@ -157,8 +179,6 @@ def test_checkpoint_resume_continues_from_saved_step(ray_local, tmp_path, smoke_
 
 def test_export_loads_without_ray_and_matches(ray_local, tmp_path, smoke_data):
     """The export gives the same validation recall in a fresh process with neither Ray nor DeepSpeed."""
-    from rayjobs.train import run_training
-
     final = run_training(smoke_cfg(tmp_path, smoke_data, "export", "train.max_steps=4", "train.checkpoint_every=0"))
     code = f"""
 import json, sys
