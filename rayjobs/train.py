@@ -114,8 +114,12 @@ def pairs_needed(cfg: RunConfig) -> int | None:
     return batches * t.batch_size * max(t.num_workers, 1)
 
 
-def build_trainer(cfg: RunConfig):
-    """The TorchTrainer for one run (Tune trials reuse this)."""
+def build_trainer(cfg: RunConfig, *, before_backward=None):
+    """The TorchTrainer for one run (Tune trials reuse this).
+
+    `before_backward(module, step, rank)`, when given, runs on every worker before each
+    backward pass (fault injection; see `rayjobs.train_worker.train_fn_per_worker`).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -134,7 +138,7 @@ def build_trainer(cfg: RunConfig):
     )
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"run": cfg.to_dict()},
+        train_loop_config={"run": cfg.to_dict(), **({"before_backward": before_backward} if before_backward else {})},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
@@ -142,13 +146,14 @@ def build_trainer(cfg: RunConfig):
     )
 
 
-def run_training(cfg: RunConfig) -> dict:
-    """Fit one run; returns final metrics plus `run_dir`, `checkpoint` and `export` paths."""
+def run_training(cfg: RunConfig, *, before_backward=None) -> dict:
+    """Fit one run; returns final metrics plus `run_dir`, `checkpoint` and `export` paths.
+    `before_backward`: see `build_trainer`."""
     cfg = resolve_paths(cfg)
     ensure_data(cfg)  # before Ray starts: bad data fails in seconds
     ensure_ray()
     started = time.time()
-    result = build_trainer(cfg).fit()
+    result = build_trainer(cfg, before_backward=before_backward).fit()
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})

@@ -6,6 +6,10 @@ backward/step. Every `train.checkpoint_every` steps, at each epoch end and at th
 write a DeepSpeed checkpoint (frozen weights excluded) plus `state.json`, reported with
 `ray.train.report`; rank 0 adds an inference export at the end.
 
+A step whose loss or gradients are not finite (inf/NaN on any rank) is skipped on every rank,
+counted in `skipped_nonfinite` and handled by `train.nan_policy`; a checkpoint is refused if the
+trainable weights are not finite (checked by their sum; not under ZeRO-3, where ranks hold shards).
+
 `state.json` holds step, epoch, in-epoch batch position, world size, the loss history, the
 count of skipped non-finite steps and `resumes` (one `{step, checkpoint}` entry per resume).
 
@@ -39,6 +43,7 @@ import torch
 
 from core.config import RunConfig
 from core.metrics import flatten_recall, flatten_recall_ci
+from rayjobs.step_guard import all_ranks_true as _all_true, discard_step, grads_finite
 
 log = logging.getLogger("notellm2.train")
 
@@ -79,16 +84,6 @@ def _init_process_group_if_local(use_gpu: bool) -> None:
     release = getattr(groups, "_release_process_group_references", None)
     if release is not None:
         release(None)
-
-
-def _all_true(flag: bool, device) -> bool:
-    """True on every rank iff `flag` is true on every rank (ranks must agree to skip a step)."""
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
 
 
 def _steps_per_epoch(cfg: RunConfig, world: int) -> int:
@@ -314,8 +309,33 @@ def _validate(engine, cfg: RunConfig, device) -> dict:
     return {**flatten_recall(report), **flatten_recall_ci(report)}
 
 
+def _guarded_backward(engine, loss, device, before_backward, step: int, rank: int) -> str | None:
+    """Backward pass unless the step must be skipped; all ranks agree on the verdict.
+
+    Returns:
+        None when `engine.step()` may follow; otherwise what was non-finite. A non-finite loss
+        gets no backward; non-finite gradients behind a finite loss are discarded here
+        (`rayjobs.step_guard`), so neither reaches the weights.
+    """
+    if not _all_true(bool(torch.isfinite(loss).item()), device):
+        return f"non-finite loss {loss.item()}"
+    if before_backward is not None:
+        before_backward(engine.module, step, rank)
+    engine.backward(loss)
+    if grads_finite(engine, device):
+        return None
+    discard_step(engine)
+    return f"non-finite gradient behind a finite loss {loss.item():.4f}"
+
+
 def train_fn_per_worker(config: dict) -> None:
-    """Train one NoteLLM-2 run; `config["run"]` is a `RunConfig` dict."""
+    """Train one NoteLLM-2 run.
+
+    `config["run"]` is a `RunConfig` dict. `config["before_backward"]` (optional) is called as
+    `before_backward(module, step, rank)` before each backward pass, `step` being the step about
+    to be taken; fault-injection tests register gradient hooks with it. It must be importable on
+    the workers (Ray pickles a module-level function by reference).
+    """
     import deepspeed
     import ray.train
 
@@ -324,6 +344,7 @@ def train_fn_per_worker(config: dict) -> None:
     from core.step import forward_pair_batch
 
     cfg = RunConfig.from_dict(config["run"], "train_loop_config")
+    before_backward = config.get("before_backward")
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -403,6 +424,8 @@ def train_fn_per_worker(config: dict) -> None:
                  "history": history[-2000:], "skipped_nonfinite": skipped_nonfinite, "resumes": resumes,
                  "trainable_checksum": _trainable_checksum(engine), "trained_config": _trained_config(cfg)}
         if save:
+            if state["trainable_checksum"] is not None and not math.isfinite(state["trainable_checksum"]):
+                raise FloatingPointError(f"step {step}: the trainable weights are not finite; no checkpoint written")
             tmp = _save_checkpoint(engine, state, cfg, rank, final, tokenizer)
             if t.num_workers == 0:  # local mode: Ray keeps the dir where it is, so put it in the run dir
                 tmp = _keep_local_checkpoint(tmp, cfg, f"checkpoint_{step:08d}{ckpt_suffix}")
@@ -441,15 +464,15 @@ def train_fn_per_worker(config: dict) -> None:
                 continue  # consumed before the interruption
             t0 = time.time()
             loss, metrics = forward_pair_batch(engine, batch, cfg.loss, device)
-            if not _all_true(bool(torch.isfinite(loss).item()), device):
+            nonfinite = _guarded_backward(engine, loss, device, before_backward, step + 1, rank)
+            if nonfinite:
                 skipped_nonfinite += 1
-                msg = f"[train] step {step + 1}: non-finite loss {loss.item()} ({skipped_nonfinite} skipped)"
+                msg = f"[train] step {step + 1}: {nonfinite} ({skipped_nonfinite} skipped)"
                 if t.nan_policy == "stop":
                     raise FloatingPointError(msg + "; nan_policy=stop")
                 if rank == 0:
                     print(msg + "; step skipped (nan_policy=skip)", flush=True)
-                continue  # no backward: nothing reaches the weights or the checkpoint
-            engine.backward(loss)
+                continue  # nothing reached the weights, so nothing reaches a checkpoint
             engine.step()
             step += 1
             notes = int(metrics.pop("notes").item()) * world

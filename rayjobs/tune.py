@@ -173,8 +173,8 @@ def _fit(cfg: RunConfig, callbacks: list) -> dict:
     # module, so wrap build_trainer here for the duration of this one run.
     original = train.build_trainer
 
-    def build_with_callbacks(c):
-        trainer = original(c)
+    def build_with_callbacks(c, **kw):
+        trainer = original(c, **kw)
         trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), *callbacks]
         return trainer
 
