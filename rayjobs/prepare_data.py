@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.storage import local_only
+
 DEFAULTS = dict(num_notes=None, seed=0, short_fraction=0.3, lower=0.0, upper=float("inf"), top_t=10,
                 test_fraction=0.2, val_fraction=0.1, short_text_chars=20, input=None, image_root=None, embed_images=True)
 
@@ -61,6 +63,8 @@ def prepare(corpus, out_dir, **opts) -> dict:
     unknown = set(opts) - set(DEFAULTS) - {"num_users", "events_per_user", "category_depth", "num_topics", "num_variants", "image_px", "split"}
     if unknown:
         raise TypeError(f"prepare: unknown option(s) {sorted(unknown)}")
+    if local_only("--out", out_dir):
+        raise schema.DataError(local_only("--out", out_dir))
     o = {**DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
     t0 = time.time()
     if isinstance(corpus, Corpus):

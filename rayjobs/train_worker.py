@@ -21,9 +21,9 @@ count ZeRO checkpoints do not load (DeepSpeed partitions by world size) and the 
 with a clear message.
 
 A checkpoint cut off mid-write (no `state.json`, an unreadable one, or a truncated shard file)
-is never resumed from: `resume_candidates` falls back to the newest complete `checkpoint_*`
-directory next to it in the run's storage and logs which one is used (local/NFS storage). A
-complete checkpoint that Ray's own state never recorded (the driver was killed between a worker
+is never resumed from: `rayjobs.resume` falls back to the newest complete `checkpoint_*`
+directory next to it in the run's storage and logs which one is used (local disk, NFS or object
+storage alike). A complete checkpoint that Ray's own state never recorded (the driver was killed between a worker
 writing it and the controller saving its state) is found in the run directory and resumed from.
 """
 
@@ -36,20 +36,20 @@ import os
 import shutil
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
 
 from core.config import RunConfig
 from core.metrics import flatten_recall, flatten_recall_ci
+from core.storage import storage_fs
+from rayjobs.resume import CKPT_TAG, STATE_FILE, checkpoint_problem, ckpt_order, pick_resume_dir
+from rayjobs.resume import resume_candidates  # noqa: F401  (re-exported: tests and tools import it from here)
 from rayjobs.step_guard import all_ranks_true as _all_true, discard_step, grads_finite
 
 log = logging.getLogger("notellm2.train")
 
-STATE_FILE = "state.json"
 EXPORT_DIR = "export"
-CKPT_TAG = "ds"
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -102,93 +102,6 @@ def _trainable_checksum(engine) -> float | None:
         return None
     with torch.no_grad():
         return float(sum(p.detach().double().sum() for p in engine.module.parameters() if p.requires_grad))
-
-
-def checkpoint_problem(ckpt_dir: str | os.PathLike) -> str | None:
-    """Why a checkpoint directory cannot be resumed from, or None when it looks complete.
-
-    Complete means: `state.json` parses and names a step, and the DeepSpeed tag directory holds
-    model states whose every `.pt` shard opens as a zip archive (torch's format keeps its index
-    at the end of the file, so a file cut off mid-write fails here without unpickling anything).
-    """
-    d = Path(ckpt_dir)
-    try:
-        state = json.loads((d / STATE_FILE).read_text())
-    except FileNotFoundError:
-        return f"no {STATE_FILE}"
-    except (OSError, ValueError) as err:
-        return f"{STATE_FILE} unreadable ({type(err).__name__})"
-    if not isinstance(state, dict) or not {"step", "epoch", "batches_in_epoch", "world_size"} <= set(state):
-        return f"{STATE_FILE} lacks step/epoch/batches_in_epoch/world_size"
-    shards = sorted((d / CKPT_TAG).glob("*.pt"))
-    if not any(f.name.endswith("model_states.pt") for f in shards):
-        return f"no DeepSpeed model states under {CKPT_TAG}/"
-    for f in shards:
-        try:
-            with zipfile.ZipFile(f):
-                pass
-        except (OSError, zipfile.BadZipFile):
-            return f"shard {f.relative_to(d)} is truncated or corrupt"
-    return None
-
-
-def _ckpt_order(path: Path) -> tuple[int, str]:
-    digits = path.name.removeprefix("checkpoint_")[:8]
-    return (int(digits) if digits.isdigit() else -1, path.name)
-
-
-def resume_candidates(run_dir: str | os.PathLike, latest: str | os.PathLike | None = None) -> list[Path]:
-    """Every `checkpoint_*` dir of the run plus `latest` (the checkpoint Ray reports, which may
-    live beside them), newest step first; `-resume` generations of a step sort before the original."""
-    latest = Path(latest).resolve() if latest is not None else None
-    folders = {Path(run_dir).resolve()} | ({latest.parent} if latest is not None else set())
-    found = {p for f in folders if f.is_dir() for p in f.glob("checkpoint_*") if p.is_dir()}
-    if latest is not None:
-        found.add(latest)
-    return sorted(found, key=_ckpt_order, reverse=True)
-
-
-def _pick_resume_dir(checkpoint, run_dir: Path, rank: int, device) -> tuple[Path | None, str]:
-    """The newest complete checkpoint to resume from; all ranks agree on the choice.
-
-    Local/NFS storage: every `checkpoint_*` dir of the run is a candidate, newest step first,
-    including dirs Ray's checkpoint manager never recorded (a driver killed between a worker
-    writing a checkpoint and the controller saving its state leaves such an orphan; without
-    this, the rerun would start again from step 0). Remote storage: Ray's latest, as reported.
-
-    Every rank inspects every shard of a candidate (not only its own), so ranks that share the
-    storage reach the same verdict; `_all_true` makes that agreement explicit.
-
-    Returns:
-        (directory, or None for "start from step 0" or "remote: use Ray's checkpoint as is";
-        suffix for the names of later checkpoints). The suffix is non-empty whenever the choice is
-        not Ray's latest: the steps after it are saved again, and reusing the names of skipped
-        checkpoints would let Ray's retention delete a directory it still lists.
-    """
-    latest = Path(checkpoint.path).resolve() if checkpoint is not None else None
-    if latest is not None and ("://" in str(checkpoint.path) or not latest.is_dir()):
-        return None, ""  # remote storage: trust Ray's latest (checked after download)
-    candidates = resume_candidates(run_dir, latest)
-    suffix = f"-resume{len(candidates)}"
-    for candidate in candidates:
-        problem = checkpoint_problem(candidate)
-        if _all_true(problem is None, device):
-            if candidate == latest:
-                return candidate, ""
-            if rank == 0:
-                why = "previous complete checkpoint" if latest is not None else "checkpoint found in the run directory"
-                print(f"[train] resuming from the {why} {candidate.name}", flush=True)
-            return candidate, suffix
-        if rank == 0:
-            print(f"[train] checkpoint {candidate} is unusable ({problem or 'incomplete on another rank'}); "
-                  "trying the previous one", flush=True)
-    if latest is None:
-        if candidates and rank == 0:
-            print(f"[train] no complete checkpoint under {run_dir} ({len(candidates)} incomplete); starting from step 0",
-                  flush=True)
-        return None, suffix if candidates else ""
-    raise RuntimeError(f"no complete checkpoint under {latest.parent}: every checkpoint_* dir is "
-                       f"incomplete; delete the run directory to start over")
 
 
 # The only non-tensor classes DeepSpeed (ZeRO 0-3, fp32/bf16) pickles into its checkpoints.
@@ -275,7 +188,7 @@ def _keep_local_checkpoint(tmp: str, cfg: RunConfig, name: str) -> str:
     shutil.rmtree(dest, ignore_errors=True)
     partial.rename(dest)
     if cfg.train.keep_checkpoints:
-        for old in sorted(run_dir.glob("checkpoint_*"), key=_ckpt_order)[:-cfg.train.keep_checkpoints]:
+        for old in sorted(run_dir.glob("checkpoint_*"), key=ckpt_order)[:-cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     return str(dest)
 
@@ -375,10 +288,12 @@ def train_fn_per_worker(config: dict) -> None:
     step, start_epoch, skip_batches, history, resumes = 0, 0, 0, [], []
     ckpt_suffix = ""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None or "://" not in t.storage_path:
-        local_dir, ckpt_suffix = _pick_resume_dir(checkpoint, Path(t.storage_path) / t.name, rank, device)
-        if local_dir is not None:
-            checkpoint = ray.train.Checkpoint.from_directory(str(local_dir))
+    fs, storage_root = storage_fs(t.storage_path)
+    chosen, ckpt_suffix = pick_resume_dir(checkpoint.path if checkpoint is not None else None,
+                                          f"{storage_root.rstrip('/')}/{t.name}", rank,
+                                          lambda flag: _all_true(flag, device), fs)
+    if chosen is not None:
+        checkpoint = ray.train.Checkpoint(path=str(chosen), filesystem=fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             problem = checkpoint_problem(ckpt_dir)

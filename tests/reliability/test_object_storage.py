@@ -1,0 +1,92 @@
+"""Checkpoints on object storage: an S3-compatible server on loopback (moto's server mode,
+started here) stands in for s3://. The resume fall-back reads the run directory through
+pyarrow.fs exactly as on local disk, and the file-writing CLIs refuse a URI in one line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from tests.reliability.conftest import PY, REPO, smoke_args, subprocess_env
+from tests.reliability.test_faults import _fake_checkpoint
+
+BUCKET = "ckpts"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(environment for s3:// clients, pyarrow S3 filesystem) of a fresh moto server on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # pyarrow's S3 client reads the endpoint from AWS_ENDPOINT_URL
+    fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir(BUCKET)
+    yield env, fs
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def upload(fs, local: Path, remote: str) -> None:
+    pafs.copy_files(str(local), remote, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def test_resume_falls_back_past_checkpoints_cut_off_mid_upload(s3, tmp_path, capsys):
+    """Steps 2 (complete), 4 (no state.json: rank 0 uploads it last), 6 (a shard cut in half):
+    resuming from s3:// picks step 2, as on local disk, whether or not Ray recorded step 6."""
+    from core.storage import storage_fs
+    from rayjobs.resume import checkpoint_problem, pick_resume_dir
+
+    _, fs0 = s3
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint_00000004" / "state.json").unlink()
+    shard = tmp_path / "checkpoint_00000006" / "ds" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    upload(fs0, tmp_path, f"{BUCKET}/runs/cut")
+
+    fs, run_dir = storage_fs(f"s3://{BUCKET}/runs/cut")
+    assert isinstance(fs, pafs.S3FileSystem) and run_dir == f"{BUCKET}/runs/cut"
+    assert checkpoint_problem(f"{run_dir}/checkpoint_00000002", fs) is None
+    assert checkpoint_problem(f"{run_dir}/checkpoint_00000004", fs) == "no state.json"
+    assert checkpoint_problem(f"{run_dir}/checkpoint_00000006", fs) == "shard ds/mp_rank_00_model_states.pt is truncated or corrupt"
+    for latest in (f"{run_dir}/checkpoint_00000006", None):  # Ray's latest, or none recorded
+        chosen, suffix = pick_resume_dir(latest, run_dir, 0, lambda flag: flag, fs)
+        assert chosen.name == "checkpoint_00000002" and suffix == "-resume3"
+    out = capsys.readouterr().out
+    assert "checkpoint_00000006 is unusable (shard ds/mp_rank_00_model_states.pt is truncated or corrupt)" in out
+    assert "checkpoint_00000004 is unusable (no state.json)" in out
+    assert pick_resume_dir(None, f"{BUCKET}/runs/never-ran", 0, lambda flag: flag, fs) == (None, "")
+
+
+@pytest.mark.parametrize("tool, argv, needle", [
+    ("rayjobs.prepare_data", ["--corpus", "synthetic", "--out", "s3://b/data"], "--out s3://b/data: object storage is not supported"),
+    ("rayjobs.evaluate", ["--untrained", "rayjobs/configs/smoke.yaml", "--data", "s3://b/data", "--out", "s3://b/m.json"],
+     "--out s3://b/m.json: object storage is not supported"),
+    ("rayjobs.leaderboard", ["--storage", "s3://b/runs"], "--storage s3://b/runs: object storage is not supported"),
+    ("rayjobs.leaderboard", ["--storage", ".", "--out", "gs://b/lb"], "--out gs://b/lb: object storage is not supported"),
+])
+def test_file_writing_clis_refuse_uris_saying_what_to_do(tool, argv, needle, capsys):
+    import importlib
+
+    assert importlib.import_module(tool).main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert "aws s3 sync" in lines[0]
