@@ -10,7 +10,8 @@ On a cluster (the same code; data and runs on shared storage):
         python -m rayjobs.train --config rayjobs/configs/paper.yaml --set train.storage_path=s3://bucket/runs
 
 Rerunning with the same `train.name` and `train.storage_path` resumes from the latest checkpoint.
-Prints the run directory; writes `<run_dir>/final_metrics.json` and `<run_dir>/export/`.
+Prints the run directory; writes `<run_dir>/final_metrics.json` (local disk or object storage) and, on local
+storage, `<run_dir>/export/` (on object storage the export stays in the final checkpoint's `export/`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from core.config import ConfigError, RunConfig, load_run_config
 from core.metrics import parse_metric_key
+from core.storage import is_remote, storage_fs
 
 EXIT_USAGE = 2
 LOCAL_ENV = Path(__file__).resolve().parents[1] / "cluster" / "local_env.yaml"
@@ -157,7 +159,8 @@ def run_training(cfg: RunConfig, *, before_backward=None) -> dict:
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})
-    run_dir = Path(storage_uri(cfg.train.storage_path)) / cfg.train.name
+    storage = storage_uri(cfg.train.storage_path)
+    run_dir = f"{storage.rstrip('/')}/{cfg.train.name}" if is_remote(storage) else Path(storage) / cfg.train.name
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     export = None
     if ckpt_path and "://" not in ckpt_path and (Path(ckpt_path) / "export").is_dir():
@@ -176,9 +179,14 @@ def run_training(cfg: RunConfig, *, before_backward=None) -> dict:
         "export": str(export) if export else None,
         "config": cfg.to_dict(),
     }
-    if "://" not in str(run_dir):
+    text = json.dumps(final, indent=2, default=str)
+    if is_remote(run_dir):
+        fs, path = storage_fs(run_dir)
+        with fs.open_output_stream(f"{path}/final_metrics.json") as f:
+            f.write(text.encode())
+    else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2, default=str))
+        (run_dir / "final_metrics.json").write_text(text)
     return final
 
 

@@ -44,7 +44,6 @@ from core.config import RunConfig
 from core.metrics import flatten_recall, flatten_recall_ci
 from core.storage import storage_fs
 from rayjobs.resume import CKPT_TAG, STATE_FILE, checkpoint_problem, ckpt_order, pick_resume_dir
-from rayjobs.resume import resume_candidates  # noqa: F401  (re-exported: tests and tools import it from here)
 from rayjobs.step_guard import all_ranks_true as _all_true, discard_step, grads_finite
 
 log = logging.getLogger("notellm2.train")

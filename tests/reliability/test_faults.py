@@ -180,7 +180,7 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
 
 
 def test_checkpoint_problem_names_what_is_wrong(tmp_path):
-    from rayjobs.train_worker import checkpoint_problem, resume_candidates
+    from rayjobs.resume import checkpoint_problem, resume_candidates
 
     good = _fake_checkpoint(tmp_path, 2)
     assert checkpoint_problem(good) is None

@@ -90,3 +90,49 @@ def test_file_writing_clis_refuse_uris_saying_what_to_do(tool, argv, needle, cap
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], lines
     assert "aws s3 sync" in lines[0]
+
+
+def _train(env: dict, storage: str, data: Path, name: str, *overrides) -> str:
+    cmd = [PY, "-m", "rayjobs.train", *smoke_args(storage, data, name, *overrides)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _read_json(fs, path: str) -> dict:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+@pytest.mark.slow
+def test_training_on_s3_resumes_past_checkpoints_cut_off_mid_upload(s3, rel_data):
+    """A real 1-worker run with train.storage_path=s3://... writes checkpoints 2, 4, 6 there; 6 is
+    cut (half a shard) and 4 lacks state.json; the rerun resumes from 2 and ends at step 8."""
+    env_s3, fs = s3
+    env = {**subprocess_env(), **env_s3}
+    storage, name = f"s3://{BUCKET}/train", "s3-cut"
+    run_dir = f"{BUCKET}/train/{name}"
+    common = ["train.num_workers=1", "train.checkpoint_every=2", "train.keep_checkpoints=4"]
+    _train(env, storage, rel_data, name, *common, "train.max_steps=6")
+    saved = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(run_dir)) if i.base_name.startswith("checkpoint_"))
+    assert saved == ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"], saved
+    before = _read_json(fs, f"{run_dir}/checkpoint_00000002/state.json")["history"]
+    shards = [i for i in fs.get_file_info(pafs.FileSelector(f"{run_dir}/checkpoint_00000006/ds")) if i.path.endswith(".pt")]
+    shard = max(shards, key=lambda i: i.size)
+    with fs.open_input_stream(shard.path) as f:
+        data = f.read()
+    with fs.open_output_stream(shard.path) as f:
+        f.write(data[: len(data) // 2])
+    fs.delete_file(f"{run_dir}/checkpoint_00000004/state.json")
+
+    out = _train(env, storage, rel_data, name, *common, "train.max_steps=8")
+    assert re.search(r"checkpoint \S*checkpoint_00000006 is unusable \(shard ds/\S+ is truncated or corrupt\)", out), out[-3000:]
+    assert re.search(r"checkpoint \S*checkpoint_00000004 is unusable \(no state.json\)", out), out[-3000:]
+    assert "resumed from step 2" in out, out[-3000:]
+    final = _read_json(fs, f"{run_dir}/final_metrics.json")
+    state = _read_json(fs, f"{final['checkpoint']}/state.json")
+    assert final["steps"] == 8 and [h["step"] for h in state["history"]] == list(range(1, 9))
+    assert state["history"][:2] == before
+    assert state["resumes"] == [{"step": 2, "checkpoint": "checkpoint_00000002"}]
+    assert Path(final["checkpoint"]).name.startswith("checkpoint_00000008-resume")
