@@ -1,4 +1,4 @@
-"""Fault injectors passed to the trainer as parameters (never patched in).
+"""Fault injectors passed to the trainer as parameters (never patched in), and damaged checkpoints.
 
 Ray pickles these by reference, so the workers import this module: `tests` is a package and Ray
 puts the driver's working directory (the repository root under `python -m pytest`) on every
@@ -6,6 +6,9 @@ worker's sys.path. The 2-worker gradient test fails if a worker cannot import it
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -35,3 +38,13 @@ class InfGradient:
 
         handle = param.register_hook(put_inf)
         print(f"[fault] rank {rank} step {step}: inf injected into a gradient", flush=True)
+
+
+def fake_checkpoint(root: Path, step: int) -> Path:
+    """A minimal complete checkpoint dir (state.json + two zip-format .pt shards) to damage in tests."""
+    d = root / f"checkpoint_{step:08d}"
+    (d / "ds").mkdir(parents=True)
+    torch.save({"w": torch.ones(3)}, d / "ds" / "mp_rank_00_model_states.pt")
+    torch.save({"m": torch.zeros(3)}, d / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (d / "state.json").write_text(json.dumps({"step": step, "epoch": 0, "batches_in_epoch": step, "world_size": 1}))
+    return d

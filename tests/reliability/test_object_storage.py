@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.reliability.conftest import PY, REPO, smoke_args, subprocess_env
-from tests.reliability.test_faults import _fake_checkpoint
+from tests.reliability.faults import fake_checkpoint
 
 BUCKET = "ckpts"
 
@@ -56,7 +56,7 @@ def test_resume_falls_back_past_checkpoints_cut_off_mid_upload(s3, tmp_path, cap
 
     _, fs0 = s3
     for step in (2, 4, 6):
-        _fake_checkpoint(tmp_path, step)
+        fake_checkpoint(tmp_path, step)
     (tmp_path / "checkpoint_00000004" / "state.json").unlink()
     shard = tmp_path / "checkpoint_00000006" / "ds" / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
