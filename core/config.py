@@ -282,7 +282,7 @@ class TrainConfig:
     max_failures: int = 0
     """Ray Train FailureConfig retries after a worker dies."""
     nan_policy: str = "skip"
-    """A non-finite loss `skip`s the step (logged, counted) or `stop`s the run."""
+    """A non-finite loss or gradient (any rank) `skip`s the step on every rank (logged, counted) or `stop`s the run."""
     seed: int = 0
     """Seed of model init, data order and dropout."""
     name: str = ""

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from core.config import EVAL_POOLS, MODALITIES, TIE_POLICIES
-from core.paths import is_remote
+from core.paths import is_remote, local_only
 
 BASELINES = ("image-features",)
 INDEXES = ("exact", "hnsw", "ivf")
@@ -243,6 +243,9 @@ def check_args(args) -> str | None:
         for name in ("notes.parquet", f"pairs_{args.split}.parquet"):
             if not (Path(args.data) / name).exists():
                 return f"--data {args.data}: {name} not found (prepare it with python -m rayjobs.prepare_data)"
+    refused = local_only("--out", args.out)
+    if refused:
+        return refused
     if not str(args.out).endswith(".json"):
         return f"--out {args.out}: expected a .json path"
     if args.actors < 1 or (args.batch_size is not None and args.batch_size < 1):

@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from core.metrics import CI_SUFFIXES, SPLIT_PREFIXES, SUBSETS, flatten_recall, flatten_recall_ci, parse_metric_key
-from core.paths import is_remote
+from core.paths import is_remote, local_only
 
 TEST_METRICS_FILE = "test_metrics.json"
 """A run directory's final test evaluation (`core.evaluation.evaluate_embeddings` metrics)."""
@@ -524,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    refused = local_only("--storage", args.storage, copy="from") or (args.out and local_only("--out", args.out))
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     if not Path(args.storage).is_dir():
         print(f"error: --storage {args.storage} is not a directory", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from core.data.corpora import CORPORA
+from core.paths import local_only
 
 DEFAULTS = dict(num_notes=None, seed=0, short_fraction=0.3, lower=0.0, upper=float("inf"), top_t=10,
                 test_fraction=0.2, val_fraction=0.1, short_text_chars=20, input=None, image_root=None, embed_images=True)
@@ -63,6 +64,8 @@ def prepare(corpus, out_dir, **opts) -> dict:
     unknown = set(opts) - set(DEFAULTS) - {"num_users", "events_per_user", "category_depth", "num_topics", "num_variants", "image_px", "split"}
     if unknown:
         raise TypeError(f"prepare: unknown option(s) {sorted(unknown)}")
+    if local_only("--out", out_dir):
+        raise schema.DataError(local_only("--out", out_dir))
     o = {**DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
     t0 = time.time()
     if isinstance(corpus, Corpus):
@@ -147,7 +150,7 @@ def _conform_rows(table, sch, path, textual, report):
 
     import pyarrow as pa
 
-    from core.data.schema import DataError
+    from core.data.schema import DataError, cast_column
 
     names = sch.names
     for col in table.column_names:
@@ -165,25 +168,10 @@ def _conform_rows(table, sch, path, textual, report):
         col = table.column(field.name)
         binary_text = field.name in textual and (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)
                                                  or (pa.types.is_list(col.type) and pa.types.is_binary(col.type.value_type)))
-        if col.type != field.type and not binary_text:
-            try:
-                col = col.cast(field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-                raise DataError(_first_bad_value(col, field, path)) from None
+        if not binary_text:
+            col = cast_column(col, field.type, path, field.name)
         cols[field.name] = col
     return pa.table(cols)
-
-
-def _first_bad_value(col, field, path) -> str:
-    """The message for a column that does not cast: the first row whose value does not."""
-    import pyarrow as pa
-
-    for i, value in enumerate(col.to_pylist()):
-        try:
-            pa.array([value], type=col.type).cast(field.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-            return f"{path}: row {i}, field {field.name!r}: {value!r} is not a valid {field.type} (column type {col.type})"
-    return f"{path}: field {field.name!r}: column type {col.type} cannot become {field.type}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,8 @@ On a cluster (the same code; data and runs on shared storage):
         python -m rayjobs.train --config rayjobs/configs/paper.yaml --set train.storage_path=s3://bucket/runs
 
 Rerunning with the same `train.name` and `train.storage_path` resumes from the latest checkpoint.
-Prints the run directory; writes `<run_dir>/final_metrics.json` and `<run_dir>/export/`.
+Prints the run directory; writes `<run_dir>/final_metrics.json` (local disk or object storage) and, on local
+storage, `<run_dir>/export/` (on object storage the export stays in the final checkpoint's `export/`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from core.config import ConfigError, RunConfig, load_run_config
 from core.metrics import parse_metric_key
-from core.paths import absolute, is_remote
+from core.paths import absolute, is_remote, join, storage_fs
 from rayjobs.train_worker import train_fn_per_worker
 
 EXIT_USAGE = 2
@@ -112,13 +113,17 @@ def pairs_needed(cfg: RunConfig) -> int | None:
     return batches * t.batch_size * max(t.num_workers, 1)
 
 
-def build_trainer(cfg: RunConfig, *, callbacks: Sequence = (), train_fn: Callable[[dict], None] = train_fn_per_worker):
+def build_trainer(cfg: RunConfig, *, callbacks: Sequence = (), train_fn: Callable[[dict], None] = train_fn_per_worker,
+                  before_backward: Callable | None = None):
     """The TorchTrainer for one run (Tune trials reuse this).
 
     Args:
         cfg: the run's config (paths as the workers should see them).
         callbacks: Ray Train callbacks added to the run (Tune's report forwarding).
         train_fn: the per-worker function; the benchmark passes a timed wrapper of the real one.
+        before_backward: `before_backward(module, step, rank)`, run on every worker before each
+            backward pass (fault injection; see `rayjobs.train_worker.train_fn_per_worker`); it
+            must be importable on the workers.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -138,7 +143,7 @@ def build_trainer(cfg: RunConfig, *, callbacks: Sequence = (), train_fn: Callabl
     )
     return TorchTrainer(
         train_fn,
-        train_loop_config={"run": cfg.to_dict()},
+        train_loop_config={"run": cfg.to_dict(), **({"before_backward": before_backward} if before_backward else {})},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
@@ -147,20 +152,21 @@ def build_trainer(cfg: RunConfig, *, callbacks: Sequence = (), train_fn: Callabl
 
 
 def run_training(cfg: RunConfig, *, callbacks: Sequence = (),
-                 train_fn: Callable[[dict], None] = train_fn_per_worker) -> dict:
+                 train_fn: Callable[[dict], None] = train_fn_per_worker, before_backward: Callable | None = None) -> dict:
     """Fit one run; returns final metrics plus `run_dir`, `checkpoint` and `export` paths.
 
-    `callbacks` and `train_fn` go to `build_trainer`.
+    `callbacks`, `train_fn` and `before_backward` go to `build_trainer`.
     """
     cfg = resolve_paths(cfg)
     ensure_data(cfg)  # before Ray starts: bad data fails in seconds
     ensure_ray()
     started = time.time()
-    result = build_trainer(cfg, callbacks=callbacks, train_fn=train_fn).fit()
+    result = build_trainer(cfg, callbacks=callbacks, train_fn=train_fn, before_backward=before_backward).fit()
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})
-    run_dir = Path(absolute(cfg.train.storage_path)) / cfg.train.name
+    storage = absolute(cfg.train.storage_path)
+    run_dir = join(storage, cfg.train.name) if is_remote(storage) else Path(storage) / cfg.train.name
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     export = None
     if ckpt_path and not is_remote(ckpt_path) and (Path(ckpt_path) / "export").is_dir():
@@ -179,9 +185,14 @@ def run_training(cfg: RunConfig, *, callbacks: Sequence = (),
         "export": str(export) if export else None,
         "config": cfg.to_dict(),
     }
-    if not is_remote(run_dir):
+    text = json.dumps(final, indent=2, default=str)
+    if is_remote(run_dir):
+        fs, path = storage_fs(run_dir)
+        with fs.open_output_stream(f"{path}/final_metrics.json") as f:
+            f.write(text.encode())
+    else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2, default=str))
+        (run_dir / "final_metrics.json").write_text(text)
     return final
 
 

@@ -6,6 +6,10 @@ backward/step. Every `train.checkpoint_every` steps, at each epoch end and at th
 write a DeepSpeed checkpoint (frozen weights excluded) plus `state.json`, reported with
 `ray.train.report`; rank 0 adds an inference export at the end.
 
+A step whose loss or gradients are not finite (inf/NaN on any rank) is skipped on every rank,
+counted in `skipped_nonfinite` and handled by `train.nan_policy`; a checkpoint is refused if the
+trainable weights are not finite (checked by their sum; not under ZeRO-3, where ranks hold shards).
+
 `state.json` holds step, epoch, in-epoch batch position, world size, the loss history, the
 count of skipped non-finite steps and `resumes` (one `{step, checkpoint}` entry per resume).
 
@@ -17,9 +21,9 @@ count ZeRO checkpoints do not load (DeepSpeed partitions by world size) and the 
 with a clear message.
 
 A checkpoint cut off mid-write (no `state.json`, an unreadable one, or a truncated shard file)
-is never resumed from: `resume_candidates` falls back to the newest complete `checkpoint_*`
-directory next to it in the run's storage and logs which one is used (local/NFS storage). A
-complete checkpoint that Ray's own state never recorded (the driver was killed between a worker
+is never resumed from: `rayjobs.resume` falls back to the newest complete `checkpoint_*`
+directory next to it in the run's storage and logs which one is used (local disk, NFS or object
+storage alike). A complete checkpoint that Ray's own state never recorded (the driver was killed between a worker
 writing it and the controller saving its state) is found in the run directory and resumed from.
 """
 
@@ -32,7 +36,6 @@ import os
 import shutil
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -40,13 +43,13 @@ import torch
 
 from core.config import RunConfig
 from core.metrics import flatten_recall, flatten_recall_ci
-from core.paths import is_remote
+from core.paths import is_remote, storage_fs
+from rayjobs.resume import CKPT_TAG, STATE_FILE, checkpoint_problem, ckpt_order, pick_resume_dir
+from rayjobs.step_guard import all_ranks_true as _all_true, discard_step, grads_finite
 
 log = logging.getLogger("notellm2.train")
 
-STATE_FILE = "state.json"
 EXPORT_DIR = "export"
-CKPT_TAG = "ds"
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -83,16 +86,6 @@ def _init_process_group_if_local(use_gpu: bool) -> None:
         release(None)
 
 
-def _all_true(flag: bool, device) -> bool:
-    """True on every rank iff `flag` is true on every rank (ranks must agree to skip a step)."""
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
-
-
 def _steps_per_epoch(cfg: RunConfig, world: int) -> int:
     import pyarrow.parquet as pq
 
@@ -109,93 +102,6 @@ def _trainable_checksum(engine) -> float | None:
         return None
     with torch.no_grad():
         return float(sum(p.detach().double().sum() for p in engine.module.parameters() if p.requires_grad))
-
-
-def checkpoint_problem(ckpt_dir: str | os.PathLike) -> str | None:
-    """Why a checkpoint directory cannot be resumed from, or None when it looks complete.
-
-    Complete means: `state.json` parses and names a step, and the DeepSpeed tag directory holds
-    model states whose every `.pt` shard opens as a zip archive (torch's format keeps its index
-    at the end of the file, so a file cut off mid-write fails here without unpickling anything).
-    """
-    d = Path(ckpt_dir)
-    try:
-        state = json.loads((d / STATE_FILE).read_text())
-    except FileNotFoundError:
-        return f"no {STATE_FILE}"
-    except (OSError, ValueError) as err:
-        return f"{STATE_FILE} unreadable ({type(err).__name__})"
-    if not isinstance(state, dict) or not {"step", "epoch", "batches_in_epoch", "world_size"} <= set(state):
-        return f"{STATE_FILE} lacks step/epoch/batches_in_epoch/world_size"
-    shards = sorted((d / CKPT_TAG).glob("*.pt"))
-    if not any(f.name.endswith("model_states.pt") for f in shards):
-        return f"no DeepSpeed model states under {CKPT_TAG}/"
-    for f in shards:
-        try:
-            with zipfile.ZipFile(f):
-                pass
-        except (OSError, zipfile.BadZipFile):
-            return f"shard {f.relative_to(d)} is truncated or corrupt"
-    return None
-
-
-def _ckpt_order(path: Path) -> tuple[int, str]:
-    digits = path.name.removeprefix("checkpoint_")[:8]
-    return (int(digits) if digits.isdigit() else -1, path.name)
-
-
-def resume_candidates(run_dir: str | os.PathLike, latest: str | os.PathLike | None = None) -> list[Path]:
-    """Every `checkpoint_*` dir of the run plus `latest` (the checkpoint Ray reports, which may
-    live beside them), newest step first; `-resume` generations of a step sort before the original."""
-    latest = Path(latest).resolve() if latest is not None else None
-    folders = {Path(run_dir).resolve()} | ({latest.parent} if latest is not None else set())
-    found = {p for f in folders if f.is_dir() for p in f.glob("checkpoint_*") if p.is_dir()}
-    if latest is not None:
-        found.add(latest)
-    return sorted(found, key=_ckpt_order, reverse=True)
-
-
-def _pick_resume_dir(checkpoint, run_dir: Path, rank: int, device) -> tuple[Path | None, str]:
-    """The newest complete checkpoint to resume from; all ranks agree on the choice.
-
-    Local/NFS storage: every `checkpoint_*` dir of the run is a candidate, newest step first,
-    including dirs Ray's checkpoint manager never recorded (a driver killed between a worker
-    writing a checkpoint and the controller saving its state leaves such an orphan; without
-    this, the rerun would start again from step 0). Remote storage: Ray's latest, as reported.
-
-    Every rank inspects every shard of a candidate (not only its own), so ranks that share the
-    storage reach the same verdict; `_all_true` makes that agreement explicit.
-
-    Returns:
-        (directory, or None for "start from step 0" or "remote: use Ray's checkpoint as is";
-        suffix for the names of later checkpoints). The suffix is non-empty whenever the choice is
-        not Ray's latest: the steps after it are saved again, and reusing the names of skipped
-        checkpoints would let Ray's retention delete a directory it still lists.
-    """
-    latest = Path(checkpoint.path).resolve() if checkpoint is not None else None
-    if latest is not None and (is_remote(checkpoint.path) or not latest.is_dir()):
-        return None, ""  # remote storage: trust Ray's latest (checked after download)
-    candidates = resume_candidates(run_dir, latest)
-    suffix = f"-resume{len(candidates)}"
-    for candidate in candidates:
-        problem = checkpoint_problem(candidate)
-        if _all_true(problem is None, device):
-            if candidate == latest:
-                return candidate, ""
-            if rank == 0:
-                why = "previous complete checkpoint" if latest is not None else "checkpoint found in the run directory"
-                print(f"[train] resuming from the {why} {candidate.name}", flush=True)
-            return candidate, suffix
-        if rank == 0:
-            print(f"[train] checkpoint {candidate} is unusable ({problem or 'incomplete on another rank'}); "
-                  "trying the previous one", flush=True)
-    if latest is None:
-        if candidates and rank == 0:
-            print(f"[train] no complete checkpoint under {run_dir} ({len(candidates)} incomplete); starting from step 0",
-                  flush=True)
-        return None, suffix if candidates else ""
-    raise RuntimeError(f"no complete checkpoint under {latest.parent}: every checkpoint_* dir is "
-                       f"incomplete; delete the run directory to start over")
 
 
 # The only non-tensor classes DeepSpeed (ZeRO 0-3, fp32/bf16) pickles into its checkpoints.
@@ -282,7 +188,7 @@ def _keep_local_checkpoint(tmp: str, cfg: RunConfig, name: str) -> str:
     shutil.rmtree(dest, ignore_errors=True)
     partial.rename(dest)
     if cfg.train.keep_checkpoints:
-        for old in sorted(run_dir.glob("checkpoint_*"), key=_ckpt_order)[:-cfg.train.keep_checkpoints]:
+        for old in sorted(run_dir.glob("checkpoint_*"), key=ckpt_order)[:-cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     return str(dest)
 
@@ -316,8 +222,32 @@ def _validate(engine, cfg: RunConfig, device) -> dict:
     return {**flatten_recall(report), **flatten_recall_ci(report)}
 
 
+def _guarded_backward(engine, loss, device, before_backward, step: int, rank: int) -> str | None:
+    """Backward pass unless the step must be skipped; all ranks agree on the verdict.
+
+    Returns:
+        None when `engine.step()` may follow; otherwise what was non-finite. A non-finite loss
+        gets no backward; non-finite gradients behind a finite loss are discarded here
+        (`rayjobs.step_guard`), so neither reaches the weights.
+    """
+    if not _all_true(bool(torch.isfinite(loss).item()), device):
+        return f"non-finite loss {loss.item()}"
+    if before_backward is not None:
+        before_backward(engine.module, step, rank)
+    engine.backward(loss)
+    if grads_finite(engine, device):
+        return None
+    discard_step(engine)
+    return f"non-finite gradient behind a finite loss {loss.item():.4f}"
+
+
 def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iterable] | None = None) -> None:
-    """Train one NoteLLM-2 run; `config["run"]` is a `RunConfig` dict.
+    """Train one NoteLLM-2 run.
+
+    `config["run"]` is a `RunConfig` dict. `config["before_backward"]` (optional) is called as
+    `before_backward(module, step, rank)` before each backward pass, `step` being the step about
+    to be taken; fault-injection tests register gradient hooks with it. It must be importable on
+    the workers (Ray pickles a module-level function by reference).
 
     `wrap_batches`, when given, wraps each epoch's batch iterator of the Ray Data shard (the
     benchmark times batch arrivals with it); it must yield the same batches.
@@ -330,6 +260,7 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
     from core.step import forward_pair_batch
 
     cfg = RunConfig.from_dict(config["run"], "train_loop_config")
+    before_backward = config.get("before_backward")
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -360,10 +291,12 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
     step, start_epoch, skip_batches, history, resumes = 0, 0, 0, [], []
     ckpt_suffix = ""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None or not is_remote(t.storage_path):
-        local_dir, ckpt_suffix = _pick_resume_dir(checkpoint, Path(t.storage_path) / t.name, rank, device)
-        if local_dir is not None:
-            checkpoint = ray.train.Checkpoint.from_directory(str(local_dir))
+    fs, storage_root = storage_fs(t.storage_path)
+    chosen, ckpt_suffix = pick_resume_dir(checkpoint.path if checkpoint is not None else None,
+                                          f"{storage_root.rstrip('/')}/{t.name}", rank,
+                                          lambda flag: _all_true(flag, device), fs)
+    if chosen is not None:
+        checkpoint = ray.train.Checkpoint(path=str(chosen), filesystem=fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             problem = checkpoint_problem(ckpt_dir)
@@ -409,6 +342,8 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
                  "history": history[-2000:], "skipped_nonfinite": skipped_nonfinite, "resumes": resumes,
                  "trainable_checksum": _trainable_checksum(engine), "trained_config": _trained_config(cfg)}
         if save:
+            if state["trainable_checksum"] is not None and not math.isfinite(state["trainable_checksum"]):
+                raise FloatingPointError(f"step {step}: the trainable weights are not finite; no checkpoint written")
             tmp = _save_checkpoint(engine, state, cfg, rank, final, tokenizer)
             if t.num_workers == 0:  # local mode: Ray keeps the dir where it is, so put it in the run dir
                 tmp = _keep_local_checkpoint(tmp, cfg, f"checkpoint_{step:08d}{ckpt_suffix}")
@@ -447,15 +382,15 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
                 continue  # consumed before the interruption
             t0 = time.time()
             loss, metrics = forward_pair_batch(engine, batch, cfg.loss, device)
-            if not _all_true(bool(torch.isfinite(loss).item()), device):
+            nonfinite = _guarded_backward(engine, loss, device, before_backward, step + 1, rank)
+            if nonfinite:
                 skipped_nonfinite += 1
-                msg = f"[train] step {step + 1}: non-finite loss {loss.item()} ({skipped_nonfinite} skipped)"
+                msg = f"[train] step {step + 1}: {nonfinite} ({skipped_nonfinite} skipped)"
                 if t.nan_policy == "stop":
                     raise FloatingPointError(msg + "; nan_policy=stop")
                 if rank == 0:
                     print(msg + "; step skipped (nan_policy=skip)", flush=True)
-                continue  # no backward: nothing reaches the weights or the checkpoint
-            engine.backward(loss)
+                continue  # nothing reached the weights, so nothing reaches a checkpoint
             engine.step()
             step += 1
             notes = int(metrics.pop("notes").item()) * world

@@ -97,6 +97,52 @@ def _read_one(path: Path, columns: list[str] | None) -> pa.Table:
         raise DataError(f"{path}: cannot read Parquet ({_one_line(err)})") from None
 
 
+def cast_column(col, to_type: pa.DataType, path: str | os.PathLike, field: str, rows=None):
+    """`col` cast to `to_type`; a value that does not cast fails naming the file, row and field.
+
+    Args:
+        col: an Array or ChunkedArray read from `path`.
+        to_type: the type the column must become.
+        path: the Parquet file, or the directory of files it was read from (`read_table`).
+        field: the field name to report (e.g. `note_id`, `rec_result_details_with_idx.note_idx`).
+        rows: for a column flattened from a nested one, the source row of each value.
+
+    Raises:
+        DataError: `<file>: row <i>, field '<field>': <value> is not a valid <type> (column type <t>)`.
+    """
+    if col.type == to_type:
+        return col
+    try:
+        return col.cast(to_type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise DataError(_first_bad_value(col, to_type, path, field, rows)) from None
+
+
+def _first_bad_value(col, to_type, path, field: str, rows) -> str:
+    """The message for a column that does not cast: its first value that does not."""
+    for i, value in enumerate(col.to_pylist()):
+        try:
+            pa.array([value], type=col.type).cast(to_type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            where, row = locate_row(path, int(rows[i]) if rows is not None else i)
+            return f"{where}: row {row}, field {field!r}: {value!r} is not a valid {to_type} (column type {col.type})"
+    return f"{path}: field {field!r}: column type {col.type} cannot become {to_type}"
+
+
+def locate_row(path: str | os.PathLike, row: int) -> tuple[str, int]:
+    """(file, row in that file) of row `row` of what `read_table(path)` returned: for a
+    directory, the files in the order `read_table` concatenates them."""
+    p = Path(path)
+    if "://" in str(path) or not p.is_dir():
+        return str(path), row
+    for f in sorted(p.rglob("*.parquet")):
+        n = pq.ParquetFile(f).metadata.num_rows
+        if row < n:
+            return str(f), row
+        row -= n
+    return str(path), row
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -233,3 +233,59 @@ def test_training_runs_on_the_prepared_bad_corpus(ray_local, bad_corpus, tmp_pat
     final = run_training(smoke_cfg(tmp_path / "runs", root / "out", "bad-corpus", "train.num_workers=0",
                                    "train.deepspeed=zero0", "train.batch_size=2", "train.max_steps=2"))
     assert final["steps"] == 2 and math.isfinite(final["loss"])
+
+
+def _qilin_dir(tmp_path, bad: str) -> Path:
+    """A two-file Qilin notes folder plus one sessions file, with one bad value planted."""
+    root = tmp_path / "qilin"
+    (root / "notes").mkdir(parents=True)
+    (root / "recommendation_train").mkdir()
+    second = ["3", "x4" if bad == "note_idx" else "4"]
+    for i, ids in enumerate((["1", "2"], second)):
+        pq.write_table(pa.table({"note_idx": ids, "note_title": ["t"] * 2, "note_content": ["c"] * 2}),
+                       root / "notes" / f"part-{i}.parquet")
+    detail = pa.struct([("note_idx", pa.string()), ("click", pa.int64())])
+    items = [[{"note_idx": "1", "click": 1}], [{"note_idx": "2", "click": 1}, {"note_idx": "n3" if bad == "detail" else "3", "click": 1}]]
+    pq.write_table(pa.table({
+        "request_idx": pa.array([10, 11], pa.int64()),
+        "user_idx": pa.array(["7", "u7" if bad == "user_idx" else "7"]),
+        "request_timestamp": pa.array([100, 200], pa.int64()),
+        "rec_result_details_with_idx": pa.array(items, pa.list_(detail)),
+    }), root / "recommendation_train" / "part-0.parquet")
+    return root
+
+
+@pytest.mark.parametrize("bad, needles", [
+    ("note_idx", ["notes/part-1.parquet: row 1, field 'note_idx': 'x4' is not a valid int64"]),
+    ("user_idx", ["recommendation_train/part-0.parquet: row 1, field 'user_idx': 'u7' is not a valid int64"]),
+    ("detail", ["part-0.parquet: row 1, field 'rec_result_details_with_idx.note_idx': 'n3' is not a valid int64"]),
+])
+def test_qilin_bad_value_is_refused_naming_file_row_field(tmp_path, bad, needles):
+    """The Qilin adapter reports a value that does not cast like the parquet adapter does
+    (`core.data.schema.cast_column`, shared by both), with the row inside the file it is in."""
+    from core.data.corpora import build_corpus
+    from core.data.schema import DataError
+
+    root = _qilin_dir(tmp_path, bad)
+    with pytest.raises(DataError) as err:
+        build_corpus("qilin", input=str(root))
+    message = str(err.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_qilin_bad_value_through_the_cli_is_one_line(tmp_path):
+    root = _qilin_dir(tmp_path, "note_idx")
+    proc = prepare_cli("--corpus", "qilin", "--input", str(root), "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "part-1.parquet: row 1, field 'note_idx'")
+    good = build_corpus_ok(_qilin_dir(tmp_path / "good", "none"))
+    assert good == [(7, 1, 2), (7, 2, 3)]
+
+
+def build_corpus_ok(root: Path) -> list[tuple]:
+    """The same folder without a bad value imports (so the tests above fail for the planted value only)."""
+    from core.data.corpora import build_corpus
+
+    events = build_corpus("qilin", input=str(root)).events.to_pylist()
+    return [(e["user_id"], e["viewed_note_id"], e["clicked_note_id"]) for e in events]

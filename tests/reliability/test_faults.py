@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.reliability.conftest import FAULT_RUN, PY, REPO, saved_state, smoke_args, smoke_cfg, subprocess_env
+from tests.reliability.faults import fake_checkpoint
 
 # A resumed run restores weights, optimizer and scheduler state exactly and replays the same
 # batches, so it matches the uninterrupted run to float round-off (observed: bit-identical).
@@ -170,35 +171,26 @@ def test_checkpoint_cut_off_mid_write_falls_back_to_previous(ray_local, rel_data
     assert list(latest.parent.glob("checkpoint_00000004-resume*/state.json"))
 
 
-def _fake_checkpoint(root: Path, step: int) -> Path:
-    d = root / f"checkpoint_{step:08d}"
-    (d / "ds").mkdir(parents=True)
-    torch.save({"w": torch.ones(3)}, d / "ds" / "mp_rank_00_model_states.pt")
-    torch.save({"m": torch.zeros(3)}, d / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    (d / "state.json").write_text(json.dumps({"step": step, "epoch": 0, "batches_in_epoch": step, "world_size": 1}))
-    return d
-
-
 def test_checkpoint_problem_names_what_is_wrong(tmp_path):
-    from rayjobs.train_worker import checkpoint_problem, resume_candidates
+    from rayjobs.resume import checkpoint_problem, resume_candidates
 
-    good = _fake_checkpoint(tmp_path, 2)
+    good = fake_checkpoint(tmp_path, 2)
     assert checkpoint_problem(good) is None
-    no_state = _fake_checkpoint(tmp_path, 4)
+    no_state = fake_checkpoint(tmp_path, 4)
     (no_state / "state.json").unlink()
     assert checkpoint_problem(no_state) == "no state.json"
-    bad_json = _fake_checkpoint(tmp_path, 6)
+    bad_json = fake_checkpoint(tmp_path, 6)
     (bad_json / "state.json").write_text('{"step": 6, "epo')
     assert "state.json unreadable" in checkpoint_problem(bad_json)
-    cut = _fake_checkpoint(tmp_path, 8)
+    cut = fake_checkpoint(tmp_path, 8)
     shard = cut / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:40])
     assert checkpoint_problem(cut) == "shard ds/zero_pp_rank_0_mp_rank_00_optim_states.pt is truncated or corrupt"
-    empty = _fake_checkpoint(tmp_path, 10)
+    empty = fake_checkpoint(tmp_path, 10)
     for f in (empty / "ds").iterdir():
         f.unlink()
     assert checkpoint_problem(empty) == "no DeepSpeed model states under ds/"
-    resumed = _fake_checkpoint(tmp_path, 12)
+    resumed = fake_checkpoint(tmp_path, 12)
     resumed.rename(tmp_path / "checkpoint_00000008-resume5")
     order = [p.name for p in resume_candidates(tmp_path)]
     assert order == [p.name for p in resume_candidates(tmp_path / "elsewhere", tmp_path / "checkpoint_00000010")]

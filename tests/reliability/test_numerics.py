@@ -99,6 +99,29 @@ def test_nan_loss_with_stop_policy_fails_naming_the_step(ray_local, rel_data, tm
         assert all_saved_tensors_finite(state_file.parent) > 0
 
 
+@pytest.mark.slow
+def test_inf_gradient_on_one_rank_is_skipped_by_all_counted_and_never_saved(ray_local, rel_data, tmp_path):
+    """A 2-worker ZeRO-2 gloo run; rank 1 alone gets an inf in one gradient at step 2 (loss
+    finite). Both ranks skip that step (a one-rank skip would hang the next collective), the
+    run still makes its 4 steps, and every checkpoint holds only finite tensors. The injector is
+    a parameter the workers import (tests.reliability.faults), not a patch."""
+    from rayjobs.train import run_training
+    from tests.reliability.faults import InfGradient
+
+    cfg = smoke_cfg(tmp_path / "runs", rel_data, "inf-grad", "train.max_steps=4", "train.checkpoint_every=2",
+                    "train.nan_policy=skip")
+    final = run_training(cfg, before_backward=InfGradient(step=2, rank=1))
+    assert final["steps"] == 4 and final["skipped_nonfinite"] == 1
+    state = saved_state(final["checkpoint"])
+    assert state["skipped_nonfinite"] == 1
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
+    assert all(math.isfinite(h["loss"]) for h in state["history"])
+    kept = sorted(p for p in Path(final["run_dir"]).glob("checkpoint_*") if (p / "state.json").exists())
+    assert [saved_state(c)["step"] for c in kept] == [2, 4]
+    for ckpt in kept:
+        assert all_saved_tensors_finite(ckpt) > 0
+
+
 @pytest.mark.parametrize("log_scale", [1e6, 88.0, 4.6052, -1e6, float("inf"), -float("inf")])
 def test_extreme_log_scale_is_clamped_and_loss_stays_finite(log_scale):
     """tau is clamped to [0, max_log_scale] in the loss: logits are at most 100x cos-sims, so

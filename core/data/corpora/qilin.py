@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.data.schema import EVENT_SCHEMA, DataError, read_table
+from core.data.schema import EVENT_SCHEMA, DataError, cast_column, read_table
 
 NOTE_COLUMNS = ["note_idx", "note_title", "note_content", "note_type", "taxonomy1_id", "taxonomy2_id", "image_path"]
 REC_COLUMNS = ["request_idx", "session_idx", "user_idx", "request_timestamp", "rec_result_details_with_idx"]
@@ -58,12 +58,15 @@ def build_qilin(input: str | None = None, image_root: str | None = None, num_not
     for col in ("note_idx", "note_title", "note_content"):
         if col not in raw.column_names:
             raise DataError(f"{root / 'notes'}: Qilin notes need column {col!r} (has {raw.column_names})")
+    # before sampling, so a bad value is reported at its row in its file
+    raw = raw.set_column(raw.schema.get_field_index("note_idx"), "note_idx",
+                         cast_column(raw["note_idx"], pa.int64(), root / "notes", "note_idx"))
     if num_notes is not None and num_notes < raw.num_rows:
         rng = np.random.default_rng(seed)
         report.skip("source", "not_sampled", raw.num_rows - num_notes)
         raw = raw.take(pa.array(np.sort(rng.choice(raw.num_rows, size=num_notes, replace=False))))
     notes = pa.table({
-        "note_id": raw["note_idx"].cast(pa.int64()),
+        "note_id": raw["note_idx"],
         "title": raw["note_title"],
         "topics": pa.nulls(raw.num_rows, pa.list_(pa.string())),
         "content": raw["note_content"],
@@ -91,19 +94,24 @@ def read_sessions(path: Path) -> pa.Table:
         raise DataError(f"{path}: rec_result_details_with_idx items need note_idx and click (has {sorted(fields)})")
     n = len(parent)
 
-    def per_row(name, default):
-        return pc.take(rec[name], parent) if name in rec.column_names else pa.array(np.full(n, default))
+    def per_row(name, default, to_type):
+        if name not in rec.column_names:
+            return pa.array(np.full(n, default)).cast(to_type)
+        return pc.take(cast_column(rec[name], to_type, path, name), parent)
 
-    ts = per_row("request_timestamp", np.nan)
+    def per_item(name, to_type):
+        return cast_column(pc.struct_field(flat, name), to_type, path, f"rec_result_details_with_idx.{name}", rows=parent.to_numpy())
+
+    ts = per_row("request_timestamp", np.nan, pa.float64())
     if "request_timestamp" not in rec.column_names and "request_timestamp" in fields:
-        ts = pc.struct_field(flat, "request_timestamp")
+        ts = per_item("request_timestamp", pa.float64())
     clicks = pa.table({
-        "user": per_row("user_idx", -1).cast(pa.int64()),
-        "ts": ts.cast(pa.float64()),
-        "req": per_row("request_idx", 0).cast(pa.int64()),
-        "pos": (pc.struct_field(flat, "position") if "position" in fields else pa.array(np.zeros(n, np.int64))).cast(pa.int64()),
-        "item": pc.struct_field(flat, "note_idx").cast(pa.int64()),
-        "click": pc.fill_null(pc.struct_field(flat, "click").cast(pa.int64()), 0),
+        "user": per_row("user_idx", -1, pa.int64()),
+        "ts": ts,
+        "req": per_row("request_idx", 0, pa.int64()),
+        "pos": per_item("position", pa.int64()) if "position" in fields else pa.array(np.zeros(n, np.int64)),
+        "item": per_item("note_idx", pa.int64()),
+        "click": pc.fill_null(per_item("click", pa.int64()), 0),
     })
     clicks = clicks.filter(pc.and_(pc.greater(clicks["click"], 0), pc.is_valid(clicks["item"])))
     clicks = clicks.sort_by([("user", "ascending"), ("ts", "ascending"), ("req", "ascending"), ("pos", "ascending")])
