@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny configs (random-init models, no downloads) and one local Ray cluster."""
+"""Shared fixtures: tiny configs (random-init models, no downloads), one local Ray cluster, the
+prepared smoke corpus and the short resumable smoke runs (each trained once per session)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+
+from core.config import load_run_config
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,6 +45,52 @@ def ray_local():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "rayjobs" / "configs" / "smoke.yaml"
+# The short resumable smoke run: 4 steps on smoke.yaml's 2 workers, checkpoints at steps 2 and 4
+# (both kept). Tests resume or damage a copy of it (`copy_run`) instead of training their own.
+RESUMABLE = ("train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3")
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory):
+    """The synthetic corpus at smoke.yaml's size (160 notes, seed 0), prepared once; read-only
+    (a test that damages data copies it first)."""
+    from rayjobs.prepare_data import prepare
+
+    out = tmp_path_factory.mktemp("smoke-data") / "synthetic"
+    prepare("synthetic", str(out), num_notes=160, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def resumable_run(ray_local, smoke_data, tmp_path_factory):
+    """`resumable_run(stage="zero2")`: the final metrics (`run_training`'s dict) of the smoke run
+    with `RESUMABLE` under that DeepSpeed config, run `<stage>` in a session directory; trained
+    on first use, once per stage. Treat it as read-only: resume or damage a `copy_run` of it."""
+    from rayjobs.train import run_training
+
+    storage = tmp_path_factory.mktemp("resumable-runs")
+    finished: dict[str, dict] = {}
+
+    def get(stage: str = "zero2") -> dict:
+        if stage not in finished:
+            cfg = load_run_config(SMOKE_CONFIG, [f"data.path={smoke_data}", f"train.storage_path={storage}",
+                                                 f"train.name={stage}", f"train.deepspeed={stage}", *RESUMABLE])
+            finished[stage] = run_training(cfg)
+        return finished[stage]
+
+    return get
+
+
+def copy_run(final: dict, storage: Path, name: str) -> Path:
+    """Copy a finished run's directory to `<storage>/<name>`; rerunning `train.name=<name>` with
+    `train.storage_path=<storage>` then resumes from the copy (Ray's run snapshot and state.json
+    name checkpoints relative to the run directory). Returns the copy's run directory."""
+    dest = Path(storage) / name
+    shutil.copytree(final["run_dir"], dest)
+    return dest
 
 
 def has_assets() -> bool:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from core.config import load_run_config
 from core.metrics import unflatten_recall
 from rayjobs.demo import ablation_markdown
@@ -50,6 +52,7 @@ def run_demo_cli(out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
 
 
+@pytest.mark.slow  # two demo drivers, each with its own embedded Ray: minutes
 def test_quick_demo_end_to_end_on_tiny_models_then_rerun_keeps_finished_runs(tmp_path):
     out = tmp_path / "demo"
     proc = run_demo_cli(out)

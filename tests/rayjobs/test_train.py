@@ -1,5 +1,9 @@
 """End-to-end CPU tests of the training job: real Ray Train V2 workers, DeepSpeed over gloo,
-the synthetic corpus and tiny random-init models (tests/conftest.py)."""
+the synthetic corpus and tiny random-init models (tests/conftest.py: `smoke_data`, and the
+4-step `resumable_run` per ZeRO stage that the resume and export tests share).
+
+`python -m rayjobs.train` end to end on its own embedded Ray (each worker line printed once) is
+the rerun in tests/reliability/test_faults.py::test_killed_driver_rerun_resumes_from_saved_step."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import pytest
 from core.config import load_run_config
 from rayjobs.train import build_trainer, run_training
 from rayjobs.train_worker import train_fn_per_worker
+from tests.conftest import RESUMABLE, copy_run
 
 SMOKE = Path(__file__).resolve().parents[2] / "rayjobs" / "configs" / "smoke.yaml"
 BATCH_SIZES_SEEN: list[int] = []
@@ -28,15 +33,6 @@ def counting_train_fn(config: dict) -> None:
     train_fn_per_worker(config, wrap_batches=count)
 
 
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    from rayjobs.prepare_data import prepare
-
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    prepare("synthetic", str(out), num_notes=160, seed=0)
-    return out
-
-
 def smoke_cfg(tmp_path, data_dir, name, *overrides):
     return load_run_config(SMOKE, [f"data.path={data_dir}", f"train.storage_path={tmp_path / 'runs'}",
                                    f"train.name={name}", *overrides])
@@ -45,28 +41,6 @@ def smoke_cfg(tmp_path, data_dir, name, *overrides):
 def history(final: dict) -> list[dict]:
     state = json.loads((Path(final["checkpoint"]) / "state.json").read_text())
     return state["history"]
-
-
-def test_train_cli_runs_and_prints_each_worker_line_once(tmp_path, smoke_data):
-    """`python -m rayjobs.train` end to end on its own embedded Ray, as a user runs it. Ray Train
-    2.60 would print every worker line twice, and its placement-group cleaner would warn every
-    second without the dashboard's state API; the driver's output carries neither."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PRINT_PATCH")}
-    sets = [f"data.path={smoke_data}", f"train.storage_path={tmp_path / 'runs'}", "train.name=cli",
-            "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=0"]
-    proc = subprocess.run([sys.executable, "-m", "rayjobs.train", "--config", str(SMOKE),
-                           *[a for s in sets for a in ("--set", s)]],
-                          capture_output=True, text=True, cwd=SMOKE.parents[2], env=env, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    steps = [line.split("[train] ", 1)[1].split(" loss")[0] for line in out.splitlines() if "[train] step " in line]
-    assert steps == [f"step {i}/4" for i in range(1, 5)], steps
-    assert sum("[train] cli: 2 worker(s)" in line for line in out.splitlines()) == 1
-    assert out.count("Failed to query Ray Train Controller") <= 2  # was once a second without the dashboard
-    final = json.loads((tmp_path / "runs" / "cli" / "final_metrics.json").read_text())
-    assert final["steps"] == 4 and final["export"]
 
 
 def test_local_mode_worker_function_runs_twice_in_one_process(ray_local, tmp_path, smoke_data):
@@ -161,15 +135,19 @@ def test_two_workers_zero2_loss_falls(ray_local, tmp_path, smoke_data):
     assert saved["steps"] == 30 and "R@10" in saved and "short_query/R@10" in saved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
-def test_checkpoint_resume_continues_from_saved_step(ray_local, tmp_path, smoke_data, stage):
-    """Run 4 steps; rerun the same name asking for 6: it resumes at step 4 instead of restarting."""
-    first = run_training(smoke_cfg(tmp_path, smoke_data, f"resume-{stage}", f"train.deepspeed={stage}",
-                                   "train.max_steps=4", "train.checkpoint_every=2"))
+def test_checkpoint_resume_continues_from_saved_step(ray_local, tmp_path, smoke_data, resumable_run, stage):
+    """Run 4 steps; rerun the same name asking for 6: it resumes at step 4 instead of restarting.
+    (The 4-step run is the shared `resumable_run`; the rerun continues a copy of it.)"""
+    from rayjobs.train import run_training
+
+    first = resumable_run(stage)
     assert first["steps"] == 4
     before = history(first)
+    copy_run(first, tmp_path / "runs", f"resume-{stage}")
     second = run_training(smoke_cfg(tmp_path, smoke_data, f"resume-{stage}", f"train.deepspeed={stage}",
-                                    "train.max_steps=6", "train.checkpoint_every=2"))
+                                    *RESUMABLE, "train.max_steps=6"))
     after = history(second)
     assert second["steps"] == 6
     assert [h["step"] for h in after] == [1, 2, 3, 4, 5, 6]
@@ -177,9 +155,9 @@ def test_checkpoint_resume_continues_from_saved_step(ray_local, tmp_path, smoke_
     assert after[:4] == before
 
 
-def test_export_loads_without_ray_and_matches(ray_local, tmp_path, smoke_data):
+def test_export_loads_without_ray_and_matches(smoke_data, resumable_run):
     """The export gives the same validation recall in a fresh process with neither Ray nor DeepSpeed."""
-    final = run_training(smoke_cfg(tmp_path, smoke_data, "export", "train.max_steps=4", "train.checkpoint_every=0"))
+    final = resumable_run("zero2")  # a 4-step run on 2 workers
     code = f"""
 import json, sys
 from core.checkpoint import load_export

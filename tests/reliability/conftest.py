@@ -19,12 +19,9 @@ FAULT_RUN = ["train.max_steps=12", "train.checkpoint_every=3", "train.max_failur
 
 
 @pytest.fixture(scope="session")
-def rel_data(tmp_path_factory):
-    from rayjobs.prepare_data import prepare
-
-    out = tmp_path_factory.mktemp("reldata") / "synthetic"
-    prepare("synthetic", str(out), num_notes=160, seed=0)
-    return out
+def rel_data(smoke_data):
+    """The prepared smoke corpus (tests/conftest.py `smoke_data`, shared with tests/rayjobs)."""
+    return smoke_data
 
 
 def smoke_cfg(storage: Path, data_dir: Path, name: str, *overrides):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import RESUMABLE, copy_run
 from tests.reliability.conftest import FAULT_RUN, PY, REPO, saved_state, smoke_args, smoke_cfg, subprocess_env
 from tests.reliability.faults import fake_checkpoint
 
@@ -114,12 +115,19 @@ def kill_tree(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_killed_driver_rerun_resumes_from_saved_step(rel_data, tmp_path):
     """SIGKILL the whole driver (its process group: driver + its embedded Ray) after a checkpoint;
-    rerunning the same command resumes from that checkpoint's step instead of step 0."""
+    rerunning the same command resumes from that checkpoint's step instead of step 0.
+
+    The rerun is also the end-to-end run of `python -m rayjobs.train` on its own embedded Ray, as a
+    user runs it (once for both claims): Ray Train 2.60 would print every worker line twice, and
+    its placement-group cleaner would warn every second without the dashboard's state API; the
+    driver's output carries neither."""
     storage = tmp_path / "runs"
     run_dir = storage / "killed-driver"
-    cmd = [PY, "-m", "rayjobs.train", *smoke_args(storage, rel_data, "killed-driver", *FAULT_RUN, "train.max_failures=0")]
+    cmd = [PY, "-m", "rayjobs.train", *smoke_args(storage, rel_data, "killed-driver", *FAULT_RUN, "train.max_failures=0",
+                                                  "train.log_every=1")]
+    env = {k: v for k, v in subprocess_env().items() if k != "RAY_TRAIN_ENABLE_PRINT_PATCH"}
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: complete_checkpoints(run_dir) or proc.poll() is not None, 900, "the first checkpoint")
     finally:
@@ -128,13 +136,19 @@ def test_killed_driver_rerun_resumes_from_saved_step(rel_data, tmp_path):
     saved = max((saved_state(p) for p in complete_checkpoints(run_dir)), key=lambda s: s["step"])
     assert 3 <= saved["step"] < 12
 
-    rerun = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     out = rerun.stdout + rerun.stderr
     (tmp_path / "rerun.log").write_text(out)
     assert rerun.returncode == 0, out[-3000:]
     resumed = [line for line in out.splitlines() if "[train] resum" in line]
     assert f"resumed from step {saved['step']}" in "\n".join(resumed), resumed or out[-3000:]
+    # each worker line once: one line per step trained by the rerun, one header for its workers
+    steps = [line.split("[train] ", 1)[1].split(" loss")[0] for line in out.splitlines() if "[train] step " in line]
+    assert steps == [f"step {i}/12" for i in range(saved["step"] + 1, 13)], steps
+    assert sum("[train] killed-driver: 2 worker(s)" in line for line in out.splitlines()) == 1
+    assert out.count("Failed to query Ray Train Controller") <= 2  # was once a second without the dashboard
     final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["export"] and (Path(final["export"]) / "model.safetensors").is_file()
     history = saved_state(final["checkpoint"])["history"]
     assert final["steps"] == 12 and [h["step"] for h in history] == list(range(1, 13))
     assert history[:saved["step"]] == saved["history"], "steps before the kill were retrained"
@@ -143,15 +157,15 @@ def test_killed_driver_rerun_resumes_from_saved_step(rel_data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated_shard", "missing_state"])
-def test_checkpoint_cut_off_mid_write_falls_back_to_previous(ray_local, rel_data, tmp_path, damage):
-    """The latest checkpoint is incomplete: the rerun resumes from the one before it."""
+def test_checkpoint_cut_off_mid_write_falls_back_to_previous(ray_local, rel_data, resumable_run, tmp_path, damage):
+    """The latest checkpoint is incomplete: the rerun resumes from the one before it. The first
+    run (4 steps, checkpoints at 2 and 4) is a copy of the shared `resumable_run`."""
     from rayjobs.train import run_training
 
     storage = tmp_path / "runs"
     name = f"cutoff-{damage}"
-    first = run_training(smoke_cfg(storage, rel_data, name, "train.max_steps=4", "train.checkpoint_every=2",
-                                   "train.keep_checkpoints=3"))
-    latest = Path(first["checkpoint"])
+    first = resumable_run("zero2")
+    latest = copy_run(first, storage, name) / Path(first["checkpoint"]).name
     assert latest.name == "checkpoint_00000004" and (latest.parent / "checkpoint_00000002" / "state.json").exists()
     before = saved_state(latest.parent / "checkpoint_00000002")["history"]  # retention deletes it later
     if damage == "truncated_shard":
@@ -160,8 +174,7 @@ def test_checkpoint_cut_off_mid_write_falls_back_to_previous(ray_local, rel_data
     else:
         (latest / "state.json").unlink()
 
-    second = run_training(smoke_cfg(storage, rel_data, name, "train.max_steps=6", "train.checkpoint_every=2",
-                                    "train.keep_checkpoints=3"))
+    second = run_training(smoke_cfg(storage, rel_data, name, *RESUMABLE, "train.max_steps=6"))
     history = saved_state(second["checkpoint"])["history"]
     assert second["steps"] == 6 and [h["step"] for h in history] == list(range(1, 7))
     assert history[:2] == before
