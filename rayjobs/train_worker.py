@@ -1,8 +1,8 @@
 """`train_fn_per_worker`: the code each Ray Train worker runs (the only place calling ray.train.*
 and deepspeed.initialize). The driver is `rayjobs.train`; see its docstring for commands.
 
-Per step: pair batch from the Ray Data shard -> `core.step.forward_pair_batch` -> DeepSpeed
-backward/step. Every `train.checkpoint_every` steps, at each epoch end and at the end, all ranks
+Per step: pair batch from the Ray Data shard -> `core.step.start_pair_step` (forward, loss;
+GradCache chunks with `loss.grad_cache_chunk_size`) -> DeepSpeed backward/step. Every `train.checkpoint_every` steps, at each epoch end and at the end, all ranks
 write a DeepSpeed checkpoint (frozen weights excluded) plus `state.json`, reported with
 `ray.train.report`; rank 0 adds an inference export at the end.
 
@@ -321,7 +321,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     from core.deepspeed_config import load_deepspeed_config, use_this_interpreters_build_tools
     from core.model.builders import build_model, count_parameters
-    from core.step import forward_pair_batch
+    from core.step import start_pair_step
 
     cfg = RunConfig.from_dict(config["run"], "train_loop_config")
     t = cfg.train
@@ -440,7 +440,7 @@ def train_fn_per_worker(config: dict) -> None:
             if epoch == start_epoch and batches_in_epoch <= skip_batches:
                 continue  # consumed before the interruption
             t0 = time.time()
-            loss, metrics = forward_pair_batch(engine, batch, cfg.loss, device)
+            loss, metrics, backward = start_pair_step(engine, batch, cfg.loss, device)
             if not _all_true(bool(torch.isfinite(loss).item()), device):
                 skipped_nonfinite += 1
                 msg = f"[train] step {step + 1}: non-finite loss {loss.item()} ({skipped_nonfinite} skipped)"
@@ -449,7 +449,8 @@ def train_fn_per_worker(config: dict) -> None:
                 if rank == 0:
                     print(msg + "; step skipped (nan_policy=skip)", flush=True)
                 continue  # no backward: nothing reaches the weights or the checkpoint
-            engine.backward(loss)
+            # one engine.backward, or one per GradCache chunk with a single reduction after the last
+            backward(engine.backward, engine.set_gradient_accumulation_boundary)
             engine.step()
             step += 1
             notes = int(metrics.pop("notes").item()) * world
