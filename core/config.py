@@ -222,7 +222,9 @@ class LossConfig:
             _fail(s, "matryoshka_dims", dims, "a strictly increasing list of integers >= 1, e.g. [8, 16, 32, 64], or []")
         weights = self.matryoshka_weights
         if weights is not None:
-            if not isinstance(weights, list) or len(weights) != len(dims) or not dims:
+            if not dims:
+                _fail(s, "matryoshka_weights", weights, "null while matryoshka_dims is empty")
+            if not isinstance(weights, list) or len(weights) != len(dims):
                 _fail(s, "matryoshka_weights", weights, f"null or a list of {len(dims)} numbers, one per matryoshka_dims entry")
             for w in weights:
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
