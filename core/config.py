@@ -204,6 +204,12 @@ class LossConfig:
     """Cross-worker negatives: `none`, `no_grad` (official: gathered copies, local rows keep grads) or `with_grad`."""
     mask_duplicates: bool = True
     """Drop negatives that are the same note as the anchor or its positive."""
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """Matryoshka training: the loss sums the contrastive loss of each leading prefix of the embedding, e.g. [8, 16, 32, 64] (increasing, at most the embedding width; each prefix normalised on its own); empty trains the full embedding only."""
+    matryoshka_weights: list[float] | None = None
+    """Weight of each Matryoshka dimension's loss (one per entry of matryoshka_dims); null weighs them all 1."""
+    grad_cache_chunk_size: int = 0
+    """GradCache: embed the batch in chunks of this many pairs (graph-free first pass, full-batch loss, then per-chunk replay with graph), so a large contrastive batch fits in memory; same step as unchunked; 0 is off."""
 
     def __post_init__(self) -> None:
         s = "loss"
@@ -211,6 +217,21 @@ class LossConfig:
         _check_range(s, "max_log_scale", self.max_log_scale, lo=0, hi=20, lo_open=True)
         _check_range(s, "alpha", self.alpha, lo=0)
         _check_choice(s, "gather", self.gather, GATHER_MODES)
+        dims = self.matryoshka_dims
+        if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims) \
+                or any(b <= a for a, b in zip(dims, dims[1:])):
+            _fail(s, "matryoshka_dims", dims, "a strictly increasing list of integers >= 1, e.g. [8, 16, 32, 64], or []")
+        weights = self.matryoshka_weights
+        if weights is not None:
+            if not dims:
+                _fail(s, "matryoshka_weights", weights, "null while matryoshka_dims is empty")
+            if not isinstance(weights, list) or len(weights) != len(dims):
+                _fail(s, "matryoshka_weights", weights, f"null or a list of {len(dims)} numbers, one per matryoshka_dims entry")
+            for w in weights:
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+                    _fail(s, "matryoshka_weights", weights, "numbers >= 0")
+            self.matryoshka_weights = [float(w) for w in weights]
+        _check_range(s, "grad_cache_chunk_size", self.grad_cache_chunk_size, lo=0)
         _check_types(self, s)
 
 
@@ -363,6 +384,10 @@ class RunConfig:
             # bf16 parameters stepped without fp32 master weights: small updates round to zero
             _fail("model", "dtype", self.model.dtype, "float32 when train.precision=float32 (bfloat16 parameters "
                   "need train.precision=bfloat16, whose optimizer keeps fp32 master weights)")
+        # Cross-section checks: the Matryoshka prefixes must fit the embedding the model emits.
+        dims, width = self.loss.matryoshka_dims, self.model.output_dim
+        if dims and width is not None and dims[-1] > width:
+            _fail("loss", "matryoshka_dims", dims, f"dimensions at most the embedding width model.output_dim={width}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -332,6 +332,22 @@ def paired_difference(per_query_a: pd.DataFrame, per_query_b: pd.DataFrame, ks: 
     return out
 
 
+def prefix_embeddings(embeddings: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """A Matryoshka prefix: the first `dim` coordinates of each row, L2-normalised (None: unchanged)."""
+    if dim is None:
+        return embeddings
+    if not 1 <= int(dim) <= embeddings.shape[-1]:
+        raise ValueError(f"dim {dim}: allowed 1..{embeddings.shape[-1]} (the embedding width)")
+    return F.normalize(embeddings[..., : int(dim)].float(), dim=-1)
+
+
+def evaluate_dims(note_ids, embeddings, protocol: Protocol, ks: Iterable[int], dims: Iterable[int], **kwargs) -> dict:
+    """{d: metrics of `evaluate_embeddings` on `prefix_embeddings(embeddings, d)`} for each dim:
+    every trained Matryoshka width from one embedding pass (the caller stores it under "dims")."""
+    emb = torch.as_tensor(embeddings).float()
+    return {int(d): evaluate_embeddings(note_ids, prefix_embeddings(emb, d), protocol, ks, **kwargs)[0] for d in dims}
+
+
 def flatten_metrics(metrics: Mapping) -> dict[str, float]:
     """{"R@100": 0.75, "short_query/R@100": ...}: the flat names runs report (`core.metrics.flatten_recall`)."""
     return flatten_recall(metrics)
@@ -408,8 +424,9 @@ def image_features(vision, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_batch(model, batch: Mapping, device, kind: str = "multimodal") -> torch.Tensor:
-    """One preprocessed note batch -> float32 [N, d] embeddings on the CPU.
+def embed_batch(model, batch: Mapping, device, kind: str = "multimodal", dim: int | None = None) -> torch.Tensor:
+    """One preprocessed note batch -> float32 [N, d] embeddings on the CPU (un-normalised), or with
+    `dim` the Matryoshka prefix [N, dim] (truncated, then L2-normalised: `prefix_embeddings`).
 
     Args:
         model: a NoteLLM-2 model (or, for kind=`image-features`, anything with a `.vision` encoder
@@ -434,7 +451,7 @@ def embed_batch(model, batch: Mapping, device, kind: str = "multimodal") -> torc
     emb = out.multimodal if kind == "multimodal" else out.visual
     if emb is None:
         raise ValueError("this model has no visual embedding (prompt_mode is not micl)")
-    return emb.float().cpu()  # [N, d]
+    return prefix_embeddings(emb.float(), dim).cpu()  # [N, d] (or [N, dim])
 
 
 def _iter_batches(notes, batch_size: int):
@@ -543,7 +560,7 @@ def check_modality(model_cfg, modality: str) -> None:
 
 def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | None = None, *,
                       modality: str = "both", split: str = "val", pool: str | None = None, preprocessor=None,
-                      return_per_query: bool = False, kind: str = "multimodal"):
+                      return_per_query: bool = False, kind: str = "multimodal", dims=None):
     """Recall@K on held-out pairs, in-process (the training loop's validation; the demo's final tables).
 
     Reads pairs_<split>.parquet and notes.parquet from `data_dir`, preprocesses the needed notes
@@ -564,6 +581,8 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
         return_per_query: also return the per-query DataFrame.
         kind: `multimodal` (the note embedding), `visual` (mICL slot) or `image-features`
             (the raw frozen vision feature: the no-training baseline).
+        dims: Matryoshka widths also scored (`evaluate_dims`, under "dims"); default the trained
+            ones, `run_cfg.loss.matryoshka_dims` (none for image-features).
 
     Returns:
         The metrics dict of `evaluate_embeddings` (and the per-query frame if asked).
@@ -585,6 +604,10 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
                                  blank_ids=blank, pad_id=_pad_id(prep.tokenizer))
     metrics, per_query = evaluate_embeddings(ids, emb, protocol, run_cfg.eval.ks, run_cfg.eval.chunk_size,
                                              ties=run_cfg.eval.ties)
+    dims = (run_cfg.loss.matryoshka_dims if kind != "image-features" else []) if dims is None else dims
+    if dims:
+        metrics["dims"] = evaluate_dims(ids, emb, protocol, run_cfg.eval.ks, dims, chunk_size=run_cfg.eval.chunk_size,
+                                        ties=run_cfg.eval.ties)
     metrics["split"] = split
     return (metrics, per_query) if return_per_query else metrics
 

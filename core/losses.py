@@ -77,3 +77,46 @@ def pair_contrastive_loss(
 def micl_loss(loss_v: torch.Tensor, loss_m: torch.Tensor, alpha: float) -> torch.Tensor:
     """mICL mixing (REFERENCE §4): (L_v + alpha * L_m) / (1 + alpha)."""
     return (loss_v + alpha * loss_m) / (1.0 + alpha)
+
+
+def matryoshka_loss(
+    embeddings: torch.Tensor,
+    log_scale: torch.Tensor,
+    dims,
+    weights=None,
+    note_ids: torch.Tensor | None = None,
+    *,
+    gather: str = "no_grad",
+    max_log_scale: float | None = None,
+) -> torch.Tensor:
+    """Matryoshka contrastive loss: sum_i w_i * pair_contrastive_loss(embeddings[:, :d_i]).
+
+    Each leading prefix of the un-normalised embedding is normalised on its own (inside
+    `pair_contrastive_loss`), so every prefix is a retrieval embedding in its own right: one
+    model deploys at any of the trained widths by truncating and re-normalising.
+
+    Args:
+        embeddings: [2B, d] un-normalised note embeddings laid out [q_1..q_B, t_1..t_B].
+        log_scale: scalar tau shared by every prefix.
+        dims: increasing prefix widths, each <= d (e.g. [8, 16, 32, 64]).
+        weights: one weight per dim (None: all 1).
+        note_ids: optional int [2B] for duplicate masking (as in `pair_contrastive_loss`).
+        gather, max_log_scale: as in `pair_contrastive_loss`.
+
+    Returns:
+        Scalar weighted sum of the per-prefix losses.
+    """
+    dims = [int(d) for d in dims]
+    if not dims:
+        raise ValueError("matryoshka_loss needs at least one dimension")
+    if dims[-1] > embeddings.shape[-1]:
+        raise ValueError(f"matryoshka dims {dims} exceed the embedding width {embeddings.shape[-1]}")
+    weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(dims):
+        raise ValueError(f"{len(weights)} matryoshka weights for {len(dims)} dims")
+    total = None
+    for d, w in zip(dims, weights):
+        term = w * pair_contrastive_loss(embeddings[:, :d], log_scale, note_ids, gather=gather,
+                                         max_log_scale=max_log_scale)
+        total = term if total is None else total + term
+    return total

@@ -27,7 +27,9 @@ equal scores come back in an arbitrary order, so a tie may or may not beat the t
 Metric names have one home here: `metric_key("short_query", 10)` -> "short_query/R@10" (all
 pairs: "R@10"), `parse_metric_key`, `flatten_recall` / `unflatten_recall` between the nested
 {"all": {"R@10": ..}, ..} mapping and the flat keys that runs report, and `SPLIT_PREFIXES` for
-the leaderboard's `val/` and `test/` columns.
+the leaderboard's `val/` and `test/` columns. Recall of a Matryoshka prefix (the embedding
+truncated to its first d coordinates, re-normalised) carries a dim component:
+`metric_key("all", 10, dim=16)` -> "dim16/R@10", nested as {"dims": {16: {"all": ..}}}.
 """
 
 from __future__ import annotations
@@ -50,13 +52,24 @@ CI_SUFFIXES = (" lo", " hi")
 """Flat names of a recall's 95 % interval bounds: "R@10 lo", "R@10 hi"."""
 RECALL_KEY = re.compile(r"^(?:(short_query|short_target)/)?R@(\d+)$")
 """A reported recall key: `R@<k>` (all pairs) or `<short subset>/R@<k>`."""
+DIM_KEY = re.compile(r"^dim(\d+)/(.+)$")
+"""A recall key of a Matryoshka prefix: `dim<d>/<recall key>`."""
 
 
-def metric_key(subset: str, k: int) -> str:
-    """The flat name of Recall@k on `subset`: "R@10" for all pairs, "short_query/R@10" otherwise."""
+def metric_key(subset: str, k: int, dim: int | None = None) -> str:
+    """The flat name of Recall@k on `subset`: "R@10" for all pairs, "short_query/R@10" otherwise;
+    with `dim`, of the embedding's first `dim` coordinates: "dim16/R@10"."""
     if subset not in SUBSETS:
         raise ValueError(f"subset {subset!r}: allowed {', '.join(SUBSETS)}")
-    return f"R@{int(k)}" if subset == "all" else f"{subset}/R@{int(k)}"
+    key = f"R@{int(k)}" if subset == "all" else f"{subset}/R@{int(k)}"
+    return key if dim is None else f"dim{int(dim)}/{key}"
+
+
+def parse_dim_metric_key(key: str) -> tuple[int | None, str, int] | None:
+    """"dim16/short_query/R@10" -> (16, "short_query", 10); "R@10" -> (None, "all", 10); else None."""
+    m = DIM_KEY.match(key)
+    parsed = parse_metric_key(m.group(2) if m else key)
+    return (int(m.group(1)) if m else None, *parsed) if parsed else None
 
 
 def parse_metric_key(key: str) -> tuple[str, int] | None:
@@ -65,38 +78,53 @@ def parse_metric_key(key: str) -> tuple[str, int] | None:
     return (m.group(1) or "all", int(m.group(2))) if m else None
 
 
-def flatten_recall(metrics: Mapping) -> dict[str, float]:
-    """{"all": {"R@10": v}, "short_query": {...}} -> {"R@10": v, "short_query/R@10": ...} (None dropped)."""
+def _per_dim(metrics: Mapping) -> list[tuple[int, Mapping]]:
+    """The Matryoshka entries {"dims": {16: metrics, ..}} (JSON turns the keys into strings)."""
+    return sorted((int(d), m) for d, m in (metrics.get("dims") or {}).items())
+
+
+def flatten_recall(metrics: Mapping, dim: int | None = None) -> dict[str, float]:
+    """{"all": {"R@10": v}, "short_query": {...}} -> {"R@10": v, "short_query/R@10": ...} (None dropped);
+    a "dims" entry adds "dim16/R@10", ... for each Matryoshka prefix."""
     out = {}
     for subset in SUBSETS:
         for key, value in (metrics.get(subset) or {}).items():
             parsed = parse_metric_key(key)
             if value is not None and parsed is not None:
-                out[metric_key(subset, parsed[1])] = float(value)
+                out[metric_key(subset, parsed[1], dim)] = float(value)
+    if dim is None:
+        for d, sub in _per_dim(metrics):
+            out.update(flatten_recall(sub, d))
     return out
 
 
-def flatten_recall_ci(metrics: Mapping) -> dict[str, float]:
-    """{"ci95": {"all": {"R@10": [lo, hi]}}} -> {"R@10 lo": lo, "R@10 hi": hi} (None dropped)."""
+def flatten_recall_ci(metrics: Mapping, dim: int | None = None) -> dict[str, float]:
+    """{"ci95": {"all": {"R@10": [lo, hi]}}} -> {"R@10 lo": lo, "R@10 hi": hi} (None dropped), and
+    "dim16/R@10 lo", ... for a "dims" entry."""
     out = {}
     for subset in SUBSETS:
         for key, ci in ((metrics.get("ci95") or {}).get(subset) or {}).items():
             parsed = parse_metric_key(key)
             if ci is not None and parsed is not None:
-                name = metric_key(subset, parsed[1])
+                name = metric_key(subset, parsed[1], dim)
                 out[name + CI_SUFFIXES[0]], out[name + CI_SUFFIXES[1]] = float(ci[0]), float(ci[1])
+    if dim is None:
+        for d, sub in _per_dim(metrics):
+            out.update(flatten_recall_ci(sub, d))
     return out
 
 
-def unflatten_recall(flat: Mapping, prefix: str = "") -> dict[str, dict[str, float]]:
+def unflatten_recall(flat: Mapping, prefix: str = "") -> dict[str, dict]:
     """The inverse of `flatten_recall`, reading only keys that start with `prefix` (e.g. "val/")."""
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict] = {}
     for key, value in flat.items():
         if not key.startswith(prefix):
             continue
-        parsed = parse_metric_key(key[len(prefix):])
+        parsed = parse_dim_metric_key(key[len(prefix):])
         if parsed is not None and value is not None:
-            out.setdefault(parsed[0], {})[f"R@{parsed[1]}"] = float(value)
+            dim, subset, k = parsed
+            into = out if dim is None else out.setdefault("dims", {}).setdefault(dim, {})
+            into.setdefault(subset, {})[f"R@{k}"] = float(value)
     return out
 
 

@@ -10,13 +10,19 @@ per related pair, each side's columns prefixed `q_` (query) and `t_` (target):
     {q,t}_note_id        int64 [B]
 
 `pair_batch_to_notes` lays the 2B notes out as [q_1..q_B, t_1..t_B], the layout the loss expects.
+
+A training step is `start_pair_step` (forward + loss, returning a `backward` to call once the
+loss is known to be finite): one forward with graph, or with `loss.grad_cache_chunk_size` = N
+the GradCache passes of `core.grad_cache` over chunks of N pairs (rows q_s..q_e and t_s..t_e).
 """
 
 from __future__ import annotations
 
 import torch
 
-from core.losses import micl_loss, pair_contrastive_loss
+from core import grad_cache
+from core.losses import matryoshka_loss, micl_loss, pair_contrastive_loss
+from core.model.notellm2 import NoteEmbeddings
 
 NOTE_KEYS = ("input_ids", "attention_mask", "pixel_values", "has_image", "note_id")
 
@@ -60,13 +66,20 @@ def compute_loss(embeddings, log_scale: torch.Tensor, note_ids: torch.Tensor | N
     """Loss and scalar metrics from the model's `NoteEmbeddings` (REFERENCE §4, §6).
 
     With a visual embedding (mICL) the loss is (L_v + alpha L_m) / (1 + alpha); otherwise L_m.
+    With `loss_cfg.matryoshka_dims` each of L_v, L_m is `core.losses.matryoshka_loss`.
     """
     ids = note_ids if loss_cfg.mask_duplicates else None
     kw = {"gather": loss_cfg.gather, "max_log_scale": loss_cfg.max_log_scale}
-    loss_m = pair_contrastive_loss(embeddings.multimodal, log_scale, ids, **kw)
+
+    def contrastive(emb):
+        if loss_cfg.matryoshka_dims:  # sum over the trained prefixes (each normalised on its own)
+            return matryoshka_loss(emb, log_scale, loss_cfg.matryoshka_dims, loss_cfg.matryoshka_weights, ids, **kw)
+        return pair_contrastive_loss(emb, log_scale, ids, **kw)
+
+    loss_m = contrastive(embeddings.multimodal)
     metrics = {"loss_m": loss_m.detach()}
     if embeddings.visual is not None:
-        loss_v = pair_contrastive_loss(embeddings.visual, log_scale, ids, **kw)
+        loss_v = contrastive(embeddings.visual)
         loss = micl_loss(loss_v, loss_m, loss_cfg.alpha)
         metrics["loss_v"] = loss_v.detach()
     else:
@@ -84,3 +97,68 @@ def forward_pair_batch(model, batch: dict, loss_cfg, device) -> tuple[torch.Tens
     loss, metrics = compute_loss(out, out.log_scale, notes["note_id"].to(device), loss_cfg)
     metrics["notes"] = torch.tensor(float(notes["input_ids"].shape[0]))
     return loss, metrics
+
+
+def start_pair_step(model, batch: dict, loss_cfg, device) -> tuple[torch.Tensor, dict, callable]:
+    """Forward and loss of one training step, and the `backward` that completes it.
+
+    Returns:
+        (loss, metrics, backward). `backward(run_backward=None, set_boundary=None)` back-propagates
+        the step (DeepSpeed: `backward(engine.backward, engine.set_gradient_accumulation_boundary)`);
+        call it only after deciding to take the step (e.g. the loss is finite). With
+        `loss_cfg.grad_cache_chunk_size` the loss is computed graph-free and `backward` replays
+        the chunks; the resulting gradients equal the plain step's.
+    """
+    if not getattr(loss_cfg, "grad_cache_chunk_size", 0):
+        loss, metrics = forward_pair_batch(model, batch, loss_cfg, device)
+
+        def backward(run_backward=None, set_boundary=None):
+            (run_backward or torch.Tensor.backward)(loss)
+
+        return loss, metrics, backward
+    return _grad_cache_step(model, batch, loss_cfg, device)
+
+
+def pair_chunks(n_pairs: int, chunk_pairs: int) -> list[torch.Tensor]:
+    """Row indices of each chunk of `chunk_pairs` pairs in the [q_1..q_B, t_1..t_B] layout."""
+    return [torch.cat([torch.arange(s, min(s + chunk_pairs, n_pairs)),
+                       torch.arange(n_pairs + s, n_pairs + min(s + chunk_pairs, n_pairs))])
+            for s in range(0, n_pairs, chunk_pairs)]
+
+
+def _grad_cache_step(model, batch: dict, loss_cfg, device):
+    """GradCache passes (`core.grad_cache`) over chunks of `loss_cfg.grad_cache_chunk_size` pairs."""
+    notes = pair_batch_to_notes(batch)  # padding trimmed once for the whole batch, as unchunked
+    n_rows = notes["input_ids"].shape[0]
+    inputs = model_inputs(notes, device)
+    chunks = pair_chunks(n_rows // 2, int(loss_cfg.grad_cache_chunk_size))
+
+    def embed(rows):
+        out = model(**{k: v[rows.to(v.device)] for k, v in inputs.items()})
+        return out.multimodal, out.visual, out.log_scale
+
+    outputs, states = grad_cache.embed_without_graph(embed, chunks, device)
+    multimodal = grad_cache.scatter_rows([o[0] for o in outputs], chunks, n_rows)  # [2B, d]
+    visual = grad_cache.scatter_rows([o[1] for o in outputs], chunks, n_rows)  # [2B, d] or None
+    note_ids = notes["note_id"].to(device)
+
+    def loss_fn(mm, vis, tau):
+        return compute_loss(NoteEmbeddings(mm, vis, tau), tau, note_ids, loss_cfg)
+
+    loss, metrics, (g_mm, g_vis, g_tau) = grad_cache.loss_and_grads(loss_fn, [multimodal, visual, outputs[0][2]])
+    metrics["notes"] = torch.tensor(float(n_rows))
+
+    def surrogate(i, rows, out):
+        mm, vis, tau = out
+        rows = rows.to(g_mm.device)
+        total = (mm.float() * g_mm[rows]).sum()
+        if vis is not None and g_vis is not None:
+            total = total + (vis.float() * g_vis[rows]).sum()
+        if i == 0 and tau.requires_grad and g_tau is not None:
+            total = total + (tau.float() * g_tau).sum()  # tau is shared: its gradient enters once
+        return total
+
+    def backward(run_backward=None, set_boundary=None):
+        grad_cache.replay_with_graph(embed, chunks, states, surrogate, device, run_backward, set_boundary)
+
+    return loss, metrics, backward

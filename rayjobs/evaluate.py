@@ -15,6 +15,8 @@ Local (starts a local Ray when RAY_ADDRESS is unset; CPU-sized):
         --out runs/eval/untrained.json                               # no-training baseline
     python -m rayjobs.evaluate --untrained rayjobs/configs/smoke.yaml --baseline image-features \
         --data runs/data/synthetic --out runs/eval/vision.json       # raw frozen vision CLS features
+    python -m rayjobs.evaluate --checkpoint runs/mrl/export --data runs/data/synthetic \
+        --out runs/eval/mrl-8.json --dim 8            # the first 8 coordinates, re-normalised
 
 On a cluster:
 
@@ -28,7 +30,10 @@ queries (`--pool catalog`); `official` and `targets` (reduced) are REFERENCE §7
 
 Writes PATH.json = {"all": {"R@100": ...}, "short_query": {...}, "short_target": {...},
 "ci95": {"all": {"R@100": [lo, hi]}, ...}, "split", "pool", "pool_size", "pool_sizes", "ties",
-"tied_fraction", "num_queries", "num": {...}} and next to it PATH.embeddings.parquet (note_id,
+"tied_fraction", "num_queries", "num": {...}}, plus "dims": {d: the same for the embedding's first d
+coordinates, re-normalised} for each Matryoshka width the model was trained with
+(`loss.matryoshka_dims`; one embedding pass scores them all), or with `--dim d` that prefix
+alone (and "dim": d). Next to it PATH.embeddings.parquet (note_id,
 embedding list<float>), PATH.per_query.parquet / .csv (subset, query_id, target_id, rank =
 candidates above the target, tied = candidates tied with it) and PATH.md (the Markdown table).
 """
@@ -225,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(official), or the pairs' targets (targets: a reduced pool)")
     p.add_argument("--ties", choices=TIE_POLICIES, default="expected",
                    help="tied scores: expected recall under random tie-breaking, pessimistic or optimistic")
+    p.add_argument("--dim", type=int, default=None,
+                   help="rank with the embedding's first DIM coordinates, re-normalised (a Matryoshka width); "
+                        "default: the full embedding, plus every trained loss.matryoshka_dims width")
     p.add_argument("--index", choices=INDEXES, default="exact", help="exact ranks, or FAISS hnsw/ivf for huge pools")
     p.add_argument("--name", default=None, help="row name in the Markdown table (default: derived from the model)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray (ignored with RAY_ADDRESS)")
@@ -250,6 +258,8 @@ def check_args(args) -> str | None:
         return f"--out {args.out}: expected a .json path"
     if args.actors < 1 or (args.batch_size is not None and args.batch_size < 1):
         return "--actors and --batch-size must be >= 1"
+    if args.dim is not None and args.dim < 1:
+        return f"--dim {args.dim}: expected an integer >= 1"
     return None
 
 
@@ -261,7 +271,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from core.config import ConfigError
-    from core.evaluation import build_protocol, check_modality, evaluate_embeddings, markdown_table, read_notes, read_pairs
+    import torch
+
+    from core.evaluation import (
+        build_protocol,
+        check_modality,
+        evaluate_dims,
+        evaluate_embeddings,
+        markdown_table,
+        prefix_embeddings,
+        read_notes,
+        read_pairs,
+    )
 
     try:
         run_cfg = run_config_of(args.checkpoint, args.untrained)
@@ -272,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or run_cfg.eval.batch_size
     chunk_size = args.chunk_size or run_cfg.eval.chunk_size
     kind = "image-features" if args.baseline == "image-features" else args.embedding
+    width = run_cfg.model.output_dim if kind != "image-features" else None
+    if args.dim is not None and width is not None and args.dim > width:
+        print(f"rayjobs.evaluate: error: --dim {args.dim}: the embedding has {width} dimensions "
+              f"(model.output_dim)", file=sys.stderr)
+        return 2
 
     from core.data.schema import DataError
 
@@ -294,8 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     untrained = run_cfg.to_dict() if args.untrained else None
     ids, emb = embed_with_ray(args.data, run_cfg, needed, checkpoint=args.checkpoint, untrained=untrained, kind=kind,
                               modality=args.modality, actors=args.actors, batch_size=batch_size)
-    metrics, per_query = evaluate_embeddings(ids, emb, protocol, ks, chunk_size=chunk_size, index=args.index,
-                                             ties=args.ties)
+    score = {"chunk_size": chunk_size, "index": args.index, "ties": args.ties}
+    if args.dim is not None and args.dim > emb.shape[1]:  # no head: the width is the LLM's, known only now
+        print(f"rayjobs.evaluate: error: --dim {args.dim}: the embedding has {emb.shape[1]} dimensions", file=sys.stderr)
+        return 2
+    metrics, per_query = evaluate_embeddings(ids, prefix_embeddings(torch.from_numpy(emb), args.dim), protocol, ks,
+                                             **score)
+    trained = list(run_cfg.loss.matryoshka_dims) if kind != "image-features" else []
+    if args.dim is not None:
+        metrics["dim"] = args.dim
+    elif trained:
+        metrics["dims"] = evaluate_dims(ids, emb, protocol, ks, trained, **score)
     metrics["split"] = args.split
     metrics["modality"] = args.modality
     metrics["embedding"] = kind
@@ -307,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     write_embeddings(paths["embeddings"], ids, emb)
     per_query.to_parquet(paths["per_query_parquet"], index=False)
     per_query.to_csv(paths["per_query_csv"], index=False)
-    name = args.name or _row_name(args, kind)
-    paths["markdown"].write_text(markdown_table([(name, metrics)], ks))
-    print(markdown_table([(name, metrics)], ks), end="")
+    name = args.name or _row_name(args, kind) + (f" {args.dim}-d" if args.dim else "")
+    rows = [(name, metrics)] + [(f"{name} {d}-d", m) for d, m in (metrics.get("dims") or {}).items()]
+    paths["markdown"].write_text(markdown_table(rows, ks))
+    print(markdown_table(rows, ks), end="")
     if "approx_check" in metrics:
         check = metrics["approx_check"]
         loss = ", ".join(f"{k} {v:+.4f}" for k, v in check["recall_loss"].items() if v is not None)

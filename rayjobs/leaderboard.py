@@ -22,7 +22,8 @@ skipped, counted and printed; it never stops the leaderboard.
 Rows are ranked by the validation metric and say so. A `kind` column tells sweep trials (a Tune
 trial id) from single runs (ablation variants, baselines); the plots of a knob show only trials.
 Recall cells carry their 95 % bootstrap interval where the run recorded one (CSV: `<col> lo` and
-`<col> hi` columns; HTML: error bars).
+`<col> hi` columns; HTML: error bars). A Matryoshka run (`loss.matryoshka_dims`) adds all-pairs
+recall columns per trained width, `val/dim16/R@10`, ... (and `test/dim16/...`).
 
 Writes `leaderboard.csv`, `leaderboard.md` and a self-contained `leaderboard.html` (no network:
 inline CSS and SVG plots of recall vs alpha, L and tau init, and per-run loss curves).
@@ -42,7 +43,15 @@ from typing import Any
 
 import yaml
 
-from core.metrics import CI_SUFFIXES, SPLIT_PREFIXES, SUBSETS, flatten_recall, flatten_recall_ci, parse_metric_key
+from core.metrics import (
+    CI_SUFFIXES,
+    SPLIT_PREFIXES,
+    SUBSETS,
+    flatten_recall,
+    flatten_recall_ci,
+    parse_dim_metric_key,
+    parse_metric_key,
+)
 from core.paths import is_remote, local_only
 
 TEST_METRICS_FILE = "test_metrics.json"
@@ -136,7 +145,7 @@ def _row(run_name: str, run_dir: Path, metrics: dict, config: dict, status: str)
     val = SPLIT_PREFIXES["val"]
     for key, value in metrics.items():  # a run reports validation recall (and its interval) unprefixed
         base = key.removesuffix(CI_SUFFIXES[0]).removesuffix(CI_SUFFIXES[1])
-        if parse_metric_key(base) is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if parse_dim_metric_key(base) is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
             row[val + key] = float(value)
     row["steps"] = metrics.get("steps", metrics.get("step"))
     row["wall_seconds"] = metrics.get("wall_seconds", metrics.get("time_total_s"))
@@ -261,23 +270,25 @@ def rank_rows(rows: list[dict], metric: str, mode: str) -> list[dict]:
     return ranked
 
 
-def _split_key(column: str) -> tuple[str, str, int] | None:
-    """"test/short_query/R@10" -> ("test", "short_query", 10); None for other columns."""
+def _split_key(column: str) -> tuple[str, str, int, int | None] | None:
+    """"test/short_query/R@10" -> ("test", "short_query", 10, None), "val/dim16/R@10" -> ("val", "all",
+    10, 16); None for other columns."""
     for split, prefix in SPLIT_PREFIXES.items():
         if column.startswith(prefix):
-            parsed = parse_metric_key(column[len(prefix):])
-            return (split, *parsed) if parsed else None
+            parsed = parse_dim_metric_key(column[len(prefix):])
+            return (split, parsed[1], parsed[2], parsed[0]) if parsed else None
     return None
 
 
 def recall_columns(rows: list[dict]) -> list[str]:
-    """val/... then test/... recall columns, by subset then K (intervals are separate columns)."""
-    keys = {k for r in rows for k in r if _split_key(k)}
+    """val/... then test/... recall columns, by subset then K, then all-pairs recall per Matryoshka
+    width (intervals are separate columns)."""
+    keys = {k for r in rows for k in r if _split_key(k) and (_split_key(k)[3] is None or _split_key(k)[1] == "all")}
     splits = list(SPLIT_PREFIXES)
 
     def order(k):
-        split, subset, kk = _split_key(k)
-        return splits.index(split), SUBSETS.index(subset), kk
+        split, subset, kk, dim = _split_key(k)
+        return splits.index(split), -1 if dim is None else dim, SUBSETS.index(subset), kk
 
     return sorted(keys, key=order)
 

@@ -1,8 +1,8 @@
 """`train_fn_per_worker`: the code each Ray Train worker runs (the only place calling ray.train.*
 and deepspeed.initialize). The driver is `rayjobs.train`; see its docstring for commands.
 
-Per step: pair batch from the Ray Data shard -> `core.step.forward_pair_batch` -> DeepSpeed
-backward/step. Every `train.checkpoint_every` steps, at each epoch end and at the end, all ranks
+Per step: pair batch from the Ray Data shard -> `core.step.start_pair_step` (forward, loss;
+GradCache chunks with `loss.grad_cache_chunk_size`) -> DeepSpeed backward/step. Every `train.checkpoint_every` steps, at each epoch end and at the end, all ranks
 write a DeepSpeed checkpoint (frozen weights excluded) plus `state.json`, reported with
 `ray.train.report`; rank 0 adds an inference export at the end.
 
@@ -222,8 +222,11 @@ def _validate(engine, cfg: RunConfig, device) -> dict:
     return {**flatten_recall(report), **flatten_recall_ci(report)}
 
 
-def _guarded_backward(engine, loss, device, before_backward, step: int, rank: int) -> str | None:
+def _guarded_backward(engine, loss, backward, device, before_backward, step: int, rank: int) -> str | None:
     """Backward pass unless the step must be skipped; all ranks agree on the verdict.
+
+    `backward` is `core.step.start_pair_step`'s: one `engine.backward`, or one per GradCache
+    chunk with a single gradient reduction after the last.
 
     Returns:
         None when `engine.step()` may follow; otherwise what was non-finite. A non-finite loss
@@ -234,7 +237,7 @@ def _guarded_backward(engine, loss, device, before_backward, step: int, rank: in
         return f"non-finite loss {loss.item()}"
     if before_backward is not None:
         before_backward(engine.module, step, rank)
-    engine.backward(loss)
+    backward(engine.backward, engine.set_gradient_accumulation_boundary)
     if grads_finite(engine, device):
         return None
     discard_step(engine)
@@ -257,7 +260,7 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
 
     from core.deepspeed_config import load_deepspeed_config, use_this_interpreters_build_tools
     from core.model.builders import build_model, count_parameters
-    from core.step import forward_pair_batch
+    from core.step import start_pair_step
 
     cfg = RunConfig.from_dict(config["run"], "train_loop_config")
     before_backward = config.get("before_backward")
@@ -381,8 +384,8 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
             if epoch == start_epoch and batches_in_epoch <= skip_batches:
                 continue  # consumed before the interruption
             t0 = time.time()
-            loss, metrics = forward_pair_batch(engine, batch, cfg.loss, device)
-            nonfinite = _guarded_backward(engine, loss, device, before_backward, step + 1, rank)
+            loss, metrics, backward = start_pair_step(engine, batch, cfg.loss, device)
+            nonfinite = _guarded_backward(engine, loss, backward, device, before_backward, step + 1, rank)
             if nonfinite:
                 skipped_nonfinite += 1
                 msg = f"[train] step {step + 1}: {nonfinite} ({skipped_nonfinite} skipped)"

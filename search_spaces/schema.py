@@ -55,9 +55,25 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
 
 
+LIST_CHOICE = "list:"
+"""Prefix of a list-valued choice as Optuna samples it: categoricals hold scalars only, so the
+choice `[8, 16, 32]` (e.g. of `loss.matryoshka_dims`) is the string "list:[8, 16, 32]"."""
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def encode_choice(value: Any) -> Any:
+    """A choice value as an Optuna categorical: lists become "list:<flow YAML>", scalars stay."""
+    return LIST_CHOICE + _yaml_value(value) if isinstance(value, list) else value
+
+
 def overrides_from_params(params: dict[str, Any]) -> list[str]:
-    """`{"loss.alpha": 3}` -> `["loss.alpha=3"]`, the `--set` form `core.config` applies."""
-    return [f"{key}={_yaml_value(value)}" for key, value in params.items()]
+    """`{"loss.alpha": 3}` -> `["loss.alpha=3"]`, the `--set` form `core.config` applies (a sampled
+    "list:[8, 16]" is the list it encodes)."""
+    return [f"{key}={value[len(LIST_CHOICE):] if isinstance(value, str) and value.startswith(LIST_CHOICE) else _yaml_value(value)}"
+            for key, value in params.items()]
 
 
 @dataclass
@@ -69,7 +85,7 @@ class ParameterSpec:
     type: str
     """`choice` (categorical), `uniform`, `loguniform`, `int` (inclusive range) or `fixed`."""
     values: list | None = None
-    """The categories of a `choice` parameter."""
+    """The categories of a `choice` parameter: scalars, or lists (e.g. `loss.matryoshka_dims: [[], [8, 16]]`)."""
     low: float | None = None
     """Lower bound (inclusive) of `uniform`, `loguniform`, `int`."""
     high: float | None = None
@@ -86,8 +102,8 @@ class ParameterSpec:
         if self.type == "choice":
             if not isinstance(self.values, list) or not self.values:
                 raise SweepError(f"{k}.values={self.values!r} is invalid: allowed a non-empty list")
-            if not all(v is None or isinstance(v, (bool, int, float, str)) for v in self.values):
-                raise SweepError(f"{k}.values={self.values!r} is invalid: allowed scalars (Optuna categoricals)")
+            if not all(_scalar(v) or (isinstance(v, list) and all(_scalar(x) for x in v)) for v in self.values):
+                raise SweepError(f"{k}.values={self.values!r} is invalid: allowed scalars or lists of scalars")
             if len(set(map(repr, self.values))) != len(self.values):
                 raise SweepError(f"{k}.values={self.values!r} is invalid: allowed distinct values")
         elif self.type in ("uniform", "loguniform", "int"):
@@ -126,7 +142,7 @@ class ParameterSpec:
         import optuna.distributions as od
 
         if self.type == "choice":
-            return od.CategoricalDistribution(self.values)
+            return od.CategoricalDistribution([encode_choice(v) for v in self.values])
         if self.type == "uniform":
             return od.FloatDistribution(float(self.low), float(self.high))
         if self.type == "loguniform":

@@ -94,6 +94,8 @@ def test_overrides_round_trip_through_apply_overrides():
     ({"scheduler": {"max_tt": 3}}, "did you mean 'max_t'"),
     ({"scheduler": {"max_t": 2, "grace_period": 3}}, "grace_period"),
     ({"base_config": "nope/missing.yaml"}, "not found"),
+    ({"parameters": {"loss.matryoshka_dims": {"type": "choice", "values": [[], [4, 32]]}}}, "loss.matryoshka_dims"),
+    ({"parameters": {"loss.grad_cache_chunk_size": {"type": "int", "low": -1, "high": 4}}}, "grad_cache_chunk_size"),
 ])
 def test_bad_sweeps_are_rejected(over: dict, message: str):
     with pytest.raises(SweepError, match=None) as err:
@@ -108,3 +110,16 @@ def test_bare_value_pins_a_key(tmp_path: Path):
     spec = load_sweep(path)
     assert spec.name == "mine" and spec.fixed == {"train.max_steps": 4}
     assert spec.run_config({"loss.alpha": 3.0}).train.max_steps == 4
+
+
+def test_matryoshka_and_grad_cache_keys_can_be_swept():
+    """List-valued choices (Matryoshka widths) reach Optuna as strings and come back as lists."""
+    spec = sweep_from_dict(_sweep(parameters={
+        "loss.matryoshka_dims": {"type": "choice", "values": [[], [4, 8, 16]]},
+        "loss.matryoshka_weights": {"type": "fixed", "value": None},
+        "loss.grad_cache_chunk_size": {"type": "choice", "values": [0, 2]}}), "mrl.yaml")
+    dist = spec.optuna_space()["loss.matryoshka_dims"]
+    assert list(dist.choices) == ["list:[]", "list:[4, 8, 16]"]
+    cfg = spec.run_config({"loss.matryoshka_dims": dist.choices[1], "loss.grad_cache_chunk_size": 2})
+    assert cfg.loss.matryoshka_dims == [4, 8, 16] and cfg.loss.grad_cache_chunk_size == 2
+    assert spec.run_config({"loss.matryoshka_dims": dist.choices[0]}).loss.matryoshka_dims == []

@@ -70,6 +70,11 @@ BAD_VALUES = [
     (DataConfig, "seed", 1.5, ["data.seed", "an integer"]),
     (EvalConfig, "every_epoch", "x", ["eval.every_epoch", "true or false"]),
     (LossConfig, "learnable_temperature", 1, ["loss.learnable_temperature", "true or false"]),
+    (LossConfig, "matryoshka_dims", [16, 8], ["loss.matryoshka_dims", "[16, 8]", "strictly increasing"]),
+    (LossConfig, "matryoshka_dims", [0, 8], ["loss.matryoshka_dims", "integers >= 1"]),
+    (LossConfig, "matryoshka_dims", 8, ["loss.matryoshka_dims", "a strictly increasing list"]),
+    (LossConfig, "matryoshka_weights", [1.0], ["loss.matryoshka_weights", "matryoshka_dims is empty"]),
+    (LossConfig, "grad_cache_chunk_size", -1, ["loss.grad_cache_chunk_size", "[0, inf]"]),
 ]
 
 
@@ -91,13 +96,17 @@ def test_bad_value_fails_at_construction(cls, name, value, parts):
     ("model.output_dim=0", "model.output_dim"),
     ("model.connector=perceiver", "model.connector"),
     ("train.lr=0", "train.lr"),
+    ("loss.matryoshka_dims=[8,32]", "loss.matryoshka_dims"),  # wider than model.output_dim (16 below)
+    ("loss.matryoshka_weights=[1,2]", "loss.matryoshka_weights"),
+    ("loss.grad_cache_chunk_size=1.5", "loss.grad_cache_chunk_size"),
 ])
 def test_bad_value_through_loader_names_source_and_field(tmp_path, override, field):
     path = tmp_path / "run.yaml"
-    path.write_text("model: {llm: tiny-llama}\n")
+    path.write_text("model: {llm: tiny-llama, output_dim: 16}\n")
     with pytest.raises(ConfigError) as err:
         load_run_config(path, overrides=[override])
     assert str(path) in str(err.value) and field in str(err.value)
+    assert "\n" not in str(err.value)  # one line
 
 
 def test_defaults_are_valid_and_official_where_the_paper_says():
@@ -244,3 +253,14 @@ def test_bfloat16_parameters_need_bfloat16_precision(tmp_path):
     assert str(path) in str(err.value) and "model.dtype" in str(err.value) and "train.precision=bfloat16" in str(err.value)
     assert load_run_config(path, overrides=["train.precision=bfloat16"]).model.dtype == "bfloat16"
     assert load_run_config(path, overrides=["model.dtype=float32"]).train.precision == "float32"
+
+
+def test_matryoshka_config_round_trip_and_width_check():
+    cfg = load_run_config(None, overrides=["model.output_dim=64", "loss.matryoshka_dims=[8, 16, 32, 64]",
+                                           "loss.matryoshka_weights=[1, 1, 2, 4]", "loss.grad_cache_chunk_size=4"])
+    assert cfg.loss.matryoshka_weights == [1.0, 1.0, 2.0, 4.0] and cfg.loss.grad_cache_chunk_size == 4
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match=r"loss.matryoshka_dims=\[8, 128\] is invalid: allowed .*model.output_dim=64"):
+        load_run_config(None, overrides=["model.output_dim=64", "loss.matryoshka_dims=[8, 128]"])
+    # no head (output_dim null): the LLM width is only known when the model is built; the loss checks then
+    assert load_run_config(None, overrides=["model.output_dim=null", "loss.matryoshka_dims=[8, 4096]"])

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core.losses import micl_loss, pair_contrastive_loss, pair_positions
+from core.losses import matryoshka_loss, micl_loss, pair_contrastive_loss, pair_positions
 
 
 def reference_loss(emb: torch.Tensor, tau: torch.Tensor, excluded: dict[int, set[int]] | None = None) -> torch.Tensor:
@@ -136,6 +136,33 @@ def test_bad_shapes_raise():
         pair_contrastive_loss(torch.randn(4), torch.tensor(3.0))
     with pytest.raises(ValueError):
         pair_contrastive_loss(torch.randn(4, 3), torch.tensor(3.0), note_ids=torch.arange(3))
+
+
+def test_matryoshka_loss_is_the_weighted_sum_over_prefixes_normalised_on_their_own():
+    torch.manual_seed(5)
+    emb = torch.randn(10, 12, dtype=torch.float64)
+    tau = torch.tensor(2.5, dtype=torch.float64)
+    ids = [0, 1, 2, 3, 4, 5, 0, 7, 8, 1]  # duplicates: the masks apply to every prefix
+    dims, weights = [3, 6, 12], [0.5, 1.0, 2.0]
+    # reference: the loop transcription on each prefix, which it normalises from the raw slice
+    expected = sum(w * reference_loss(emb[:, :d], tau, duplicate_columns(ids)) for d, w in zip(dims, weights))
+    got = matryoshka_loss(emb, tau, dims, weights, torch.tensor(ids), gather="none")
+    assert math.isclose(got.item(), expected.item(), rel_tol=1e-5)
+    unweighted = sum(reference_loss(emb[:, :d], tau, duplicate_columns(ids)) for d in dims)
+    assert math.isclose(matryoshka_loss(emb, tau, dims, note_ids=torch.tensor(ids)).item(), unweighted.item(),
+                        rel_tol=1e-5)
+    # a prefix is not the full embedding's leading coordinates after normalisation: the loss differs
+    assert not math.isclose(matryoshka_loss(emb, tau, [3]).item(), pair_contrastive_loss(emb, tau).item(), rel_tol=1e-3)
+
+
+def test_matryoshka_loss_rejects_bad_dims():
+    emb, tau = torch.randn(4, 8), torch.tensor(1.0)
+    with pytest.raises(ValueError, match="exceed the embedding width 8"):
+        matryoshka_loss(emb, tau, [4, 16])
+    with pytest.raises(ValueError, match="2 matryoshka weights for 1 dims"):
+        matryoshka_loss(emb, tau, [4], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one"):
+        matryoshka_loss(emb, tau, [])
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 9.0, 19.0])

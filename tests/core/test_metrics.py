@@ -12,10 +12,12 @@ from core.metrics import (
     approximate_recall_at_k,
     approximate_target_ranks,
     flatten_recall,
+    flatten_recall_ci,
     format_recall,
     format_recall_ci,
     metric_key,
     paired_recall_ci,
+    parse_dim_metric_key,
     parse_metric_key,
     query_hits,
     recall_at_k,
@@ -175,6 +177,22 @@ def test_metric_keys_have_one_home():
         metric_key("long_query", 10)
     assert format_recall_ci(0.312, [0.271, 0.354]) == "31.2 (27.1–35.4)"
     assert format_recall_ci(None, [0.1, 0.2]) == "n/a"
+
+
+def test_matryoshka_dims_are_a_key_component():
+    assert metric_key("all", 10, dim=16) == "dim16/R@10"
+    assert metric_key("short_query", 5, dim=8) == "dim8/short_query/R@5"
+    assert parse_dim_metric_key("dim8/short_query/R@5") == (8, "short_query", 5)
+    assert parse_dim_metric_key("R@5") == (None, "all", 5) and parse_dim_metric_key("dim8/loss") is None
+    assert parse_metric_key("dim8/R@5") is None  # what chooses (eval.metric) reads the full embedding
+    # JSON round trips turn the "dims" keys into strings; both read the same
+    nested = {"all": {"R@10": 0.5}, "ci95": {"all": {"R@10": [0.4, 0.6]}},
+              "dims": {"8": {"all": {"R@10": 0.25}, "short_target": {"R@10": 0.125}, "ci95": {"all": {"R@10": [0.2, 0.3]}}}}}
+    flat = flatten_recall(nested)
+    assert flat == {"R@10": 0.5, "dim8/R@10": 0.25, "dim8/short_target/R@10": 0.125}
+    assert flatten_recall_ci(nested) == {"R@10 lo": 0.4, "R@10 hi": 0.6, "dim8/R@10 lo": 0.2, "dim8/R@10 hi": 0.3}
+    assert unflatten_recall(flat) == {"all": {"R@10": 0.5}, "dims": {8: {"all": {"R@10": 0.25},
+                                                                        "short_target": {"R@10": 0.125}}}}
 
 
 def test_hand_made_ranks():
