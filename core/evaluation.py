@@ -349,7 +349,8 @@ def blank_text_prompt(tokenizer, model_cfg) -> np.ndarray:
     return tokenize_notes(tokenizer, [{}], model_cfg)["input_ids"][0]
 
 
-def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None = None, pad_id: int = 0) -> dict:
+def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None = None, pad_id: int = 0,
+                   blank_features=None) -> dict:
     """The ablation's view of a preprocessed note batch (numpy arrays or tensors).
 
     Args:
@@ -359,6 +360,8 @@ def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None =
         blank_ids: `blank_text_prompt(...)`, required for `image`: every row becomes that prompt,
             so the image placeholders stay where the template puts them.
         pad_id: pad token id used when the blank prompt is shorter than the batch width.
+        blank_features: the blank image's cached (patches [L_p, h_v], cls [h_v]), required for
+            `text` when the batch carries cached features (`FeatureCache.blank`).
 
     Returns:
         A new dict; inputs are not modified.
@@ -372,7 +375,13 @@ def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None =
     if modality == "text":
         # Official: a blank image still goes through encoder, connector and gate, so a fused model
         # sees the kind of input it was trained on (has_image False would skip the gate instead).
-        if "pixel_values" in out:
+        if "vision_patches" in out:
+            if blank_features is None:
+                raise ValueError("modality='text' on cached features needs blank_features = FeatureCache.blank")
+            out["vision_patches"] = blank_features[0].expand(n, -1, -1)  # [N, L_p, h_v]
+            out["vision_cls"] = blank_features[1].expand(n, -1)  # [N, h_v]
+            out["has_image"] = np.ones(n, dtype=bool)
+        elif "pixel_values" in out:
             out["pixel_values"] = np.zeros_like(np.asarray(out["pixel_values"]))
             out["has_image"] = np.ones(n, dtype=bool)
         else:
@@ -392,7 +401,7 @@ def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None =
 
 
 def _as_tensors(batch: Mapping) -> dict:
-    keep = ("note_id", "input_ids", "attention_mask", "pixel_values", "has_image")
+    keep = ("note_id", "input_ids", "attention_mask", "pixel_values", "has_image", "vision_patches", "vision_cls")
     return {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
             for k, v in batch.items() if k in keep}
 
@@ -425,6 +434,8 @@ def embed_batch(model, batch: Mapping, device, kind: str = "multimodal") -> torc
         raise ValueError(f"embedding kind {kind!r}: allowed {', '.join(EMBEDDINGS)}")
     notes = _as_tensors(batch)
     if kind == "image-features":
+        if "vision_cls" in notes:  # the feature cache holds exactly these
+            return notes["vision_cls"].float().cpu()
         vision = getattr(model, "vision", model)
         if vision is None or "pixel_values" not in notes:
             raise ValueError("the image-features baseline needs a model config with a vision encoder "
@@ -447,7 +458,7 @@ def _iter_batches(notes, batch_size: int):
 
 
 def embed_notes_local(model, notes, device="cpu", batch_size: int = 32, *, kind: str = "multimodal",
-                      modality: str = "both", blank_ids: np.ndarray | None = None, pad_id: int = 0):
+                      modality: str = "both", blank_ids: np.ndarray | None = None, pad_id: int = 0, features=None):
     """Embed preprocessed notes in this process (training-loop validation, tests).
 
     Args:
@@ -458,6 +469,7 @@ def embed_notes_local(model, notes, device="cpu", batch_size: int = 32, *, kind:
         batch_size: notes per forward.
         kind: see `embed_batch`.
         modality, blank_ids, pad_id: the ablation, see `apply_modality`.
+        features: a `core.data.features.FeatureCache`: cached vision features instead of pixels.
 
     Returns:
         (note_ids int64 [N], embeddings float32 [N, d]) on the CPU, in input order.
@@ -468,7 +480,8 @@ def embed_notes_local(model, notes, device="cpu", batch_size: int = 32, *, kind:
     ids, embs = [], []
     try:
         for batch in _iter_batches(notes, batch_size):
-            batch = apply_modality(batch, modality, blank_ids, pad_id)
+            batch = features.attach(batch) if features is not None else batch
+            batch = apply_modality(batch, modality, blank_ids, pad_id, features.blank if features is not None else None)
             ids.append(torch.as_tensor(np.asarray(batch["note_id"])).long())
             embs.append(embed_batch(model, batch, device, kind))
     finally:
@@ -543,7 +556,7 @@ def check_modality(model_cfg, modality: str) -> None:
 
 def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | None = None, *,
                       modality: str = "both", split: str = "val", pool: str | None = None, preprocessor=None,
-                      return_per_query: bool = False, kind: str = "multimodal"):
+                      return_per_query: bool = False, kind: str = "multimodal", features="auto"):
     """Recall@K on held-out pairs, in-process (the training loop's validation; the demo's final tables).
 
     Reads pairs_<split>.parquet and notes.parquet from `data_dir`, preprocesses the needed notes
@@ -564,10 +577,13 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
         return_per_query: also return the per-query DataFrame.
         kind: `multimodal` (the note embedding), `visual` (mICL slot) or `image-features`
             (the raw frozen vision feature: the no-training baseline).
+        features: a `core.data.features.FeatureCache`, None (encode pixels), or `auto`: the
+            cache of `model.vision` when `data.feature_cache` allows (`feature_cache_for`).
 
     Returns:
         The metrics dict of `evaluate_embeddings` (and the per-query frame if asked).
     """
+    from core.data.features import feature_cache_for
     from core.data.pipeline import IMAGE_COLUMNS, TEXT_COLUMNS, NotePreprocessor, needs_image
 
     if kind != "image-features":
@@ -576,13 +592,15 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
     pairs = read_pairs(data_dir, split)
     all_ids = read_notes(data_dir, columns=["note_id"])["note_id"].to_numpy() if pool == "catalog" else None
     protocol = build_protocol(pairs, pool=pool, all_note_ids=all_ids, max_queries=max_queries)
-    prep = preprocessor if preprocessor is not None else NotePreprocessor(run_cfg.model)
-    columns = list(TEXT_COLUMNS) + (list(IMAGE_COLUMNS) if needs_image(run_cfg.model) else [])
+    if isinstance(features, str):
+        features = feature_cache_for(getattr(model, "vision", model), run_cfg, data_dir)
+    prep = preprocessor if preprocessor is not None else NotePreprocessor(run_cfg.model, decode_images=features is None)
+    columns = list(TEXT_COLUMNS) + (list(IMAGE_COLUMNS) if needs_image(run_cfg.model) and features is None else [])
     raw = read_notes(data_dir, protocol.needed_ids(), columns=columns)
     notes = preprocess_notes_local(raw, prep)
     blank = blank_text_prompt(prep.tokenizer, run_cfg.model) if modality == "image" else None
     ids, emb = embed_notes_local(model, notes, device, run_cfg.eval.batch_size, kind=kind, modality=modality,
-                                 blank_ids=blank, pad_id=_pad_id(prep.tokenizer))
+                                 blank_ids=blank, pad_id=_pad_id(prep.tokenizer), features=features)
     metrics, per_query = evaluate_embeddings(ids, emb, protocol, run_cfg.eval.ks, run_cfg.eval.chunk_size,
                                              ties=run_cfg.eval.ties)
     metrics["split"] = split

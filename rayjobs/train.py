@@ -119,6 +119,7 @@ def build_trainer(cfg: RunConfig):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from core.data.features import feature_cache_off_reason
     from core.data.pipeline import pair_dataset
     from rayjobs.train_worker import train_fn_per_worker
 
@@ -138,7 +139,9 @@ def build_trainer(cfg: RunConfig):
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        datasets={"train": pair_dataset(cfg.data.path, "train", cfg, max_pairs=pairs_needed(cfg))},
+        # With the frozen-feature cache the pipeline decodes no images; the workers read features.
+        datasets={"train": pair_dataset(cfg.data.path, "train", cfg, max_pairs=pairs_needed(cfg),
+                                        decode_images=feature_cache_off_reason(cfg) is not None)},
     )
 
 

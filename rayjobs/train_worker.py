@@ -300,14 +300,14 @@ def _write_export(engine, cfg: RunConfig, rank: int, tokenizer, out_dir: Path) -
         save_export(engine.module, tokenizer, cfg, out_dir)
 
 
-def _validate(engine, cfg: RunConfig, device) -> dict:
+def _validate(engine, cfg: RunConfig, device, features=None) -> dict:
     """Recall@K on the validation pairs (never test); every rank runs it (ZeRO-3 forwards are collective)."""
     from core.evaluation import validation_recall
 
     engine.module.eval()
     try:
         with torch.no_grad():
-            report = validation_recall(engine.module, cfg.data.path, cfg, device, split="val")
+            report = validation_recall(engine.module, cfg.data.path, cfg, device, split="val", features=features)
     finally:
         engine.module.train()
     # final_metrics.json contract: core.metrics.metric_key names, interval bounds beside them
@@ -319,6 +319,7 @@ def train_fn_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
 
+    from core.data.features import feature_cache_for
     from core.deepspeed_config import load_deepspeed_config, use_this_interpreters_build_tools
     from core.model.builders import build_model, count_parameters
     from core.step import forward_pair_batch
@@ -333,6 +334,9 @@ def train_fn_per_worker(config: dict) -> None:
 
     model, tokenizer = build_model(cfg.model, cfg.loss, seed=t.seed)
     model.to(device)
+    # Before deepspeed.initialize: under ZeRO-3 the encoder's weights are whole only until then.
+    # The driver left pixels out of the pipeline exactly when this returns a cache.
+    features = feature_cache_for(model.vision, cfg)
     steps_per_epoch = _steps_per_epoch(cfg, world)
     total_steps = steps_per_epoch * t.epochs
     if t.max_steps:
@@ -440,7 +444,7 @@ def train_fn_per_worker(config: dict) -> None:
             if epoch == start_epoch and batches_in_epoch <= skip_batches:
                 continue  # consumed before the interruption
             t0 = time.time()
-            loss, metrics = forward_pair_batch(engine, batch, cfg.loss, device)
+            loss, metrics = forward_pair_batch(engine, batch, cfg.loss, device, features)
             if not _all_true(bool(torch.isfinite(loss).item()), device):
                 skipped_nonfinite += 1
                 msg = f"[train] step {step + 1}: non-finite loss {loss.item()} ({skipped_nonfinite} skipped)"
@@ -481,10 +485,10 @@ def train_fn_per_worker(config: dict) -> None:
         epoch += 1
         batches_in_epoch = 0
         if cfg.eval.every_epoch:
-            val = _validate(engine, cfg, device)
+            val = _validate(engine, cfg, device, features)
             log_scalars("val", val)
             report({**last_metrics, **val, "step": step, "epoch": epoch}, save=True)
-    val = _validate(engine, cfg, device)
+    val = _validate(engine, cfg, device, features)
     log_scalars("val", val)
     if writer is not None:
         writer.close()
