@@ -243,6 +243,8 @@ class DataConfig:
         _check_range(s, "short_text_chars", self.short_text_chars, lo=0)
         _check_range(s, "preprocess_actors", self.preprocess_actors, lo=1)
         _check_choice(s, "pair_join", self.pair_join, ("auto", "broadcast", "shuffle"))
+        if self.feature_cache is False:  # YAML 1.1 reads a bare `off` as false
+            self.feature_cache = "off"
         _check_choice(s, "feature_cache", self.feature_cache, FEATURE_CACHE_MODES)
         _check_range(s, "seed", self.seed, lo=0)
         _check_types(self, s)

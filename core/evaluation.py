@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from core.config import EVAL_POOLS as POOLS
 from core.config import MODALITIES
 from core.data.split import dedupe_test_pairs
+from core.distributed import gather_embeddings, world_info
 from core.metrics import (
     SUBSETS,
     approximate_target_ranks,
@@ -556,13 +557,15 @@ def check_modality(model_cfg, modality: str) -> None:
 
 def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | None = None, *,
                       modality: str = "both", split: str = "val", pool: str | None = None, preprocessor=None,
-                      return_per_query: bool = False, kind: str = "multimodal", features="auto"):
+                      return_per_query: bool = False, kind: str = "multimodal", features="auto",
+                      rank: int = 0, world: int = 1):
     """Recall@K on held-out pairs, in-process (the training loop's validation; the demo's final tables).
 
     Reads pairs_<split>.parquet and notes.parquet from `data_dir`, preprocesses the needed notes
     with the data pipeline's `NotePreprocessor` (no Ray), embeds them with the multimodal
-    embedding under `torch.no_grad` and scores them under the protocol. Every rank of a ZeRO-3
-    run may call it: the batches are identical on each, so collective forwards line up.
+    embedding under `torch.no_grad` and scores them under the protocol. In a multi-worker run
+    every rank calls it with its `rank`/`world`: each embeds an equal share (ZeRO-3's collective
+    forwards line up), the embeddings are all-gathered, and every rank scores the same metrics.
 
     Args:
         model: the NoteLLM-2 module (on `device`).
@@ -579,6 +582,9 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
             (the raw frozen vision feature: the no-training baseline).
         features: a `core.data.features.FeatureCache`, None (encode pixels), or `auto`: the
             cache of `model.vision` when `data.feature_cache` allows (`feature_cache_for`).
+        rank, world: with world > 1 every rank of the default process group calls this; each
+            preprocesses and embeds its contiguous share of the notes (padded to equal length,
+            so ZeRO-3's collective forwards line up) and the embeddings are all-gathered.
 
     Returns:
         The metrics dict of `evaluate_embeddings` (and the per-query frame if asked).
@@ -596,11 +602,21 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
         features = feature_cache_for(getattr(model, "vision", model), run_cfg, data_dir)
     prep = preprocessor if preprocessor is not None else NotePreprocessor(run_cfg.model, decode_images=features is None)
     columns = list(TEXT_COLUMNS) + (list(IMAGE_COLUMNS) if needs_image(run_cfg.model) and features is None else [])
-    raw = read_notes(data_dir, protocol.needed_ids(), columns=columns)
-    notes = preprocess_notes_local(raw, prep)
+    if world > 1 and world_info() != (rank, world):
+        raise ValueError(f"sharded validation as rank {rank} of {world} needs that process group; have {world_info()}")
+    needed = protocol.needed_ids()
+    share = -(-len(needed) // world)  # notes per rank
+    mine = needed[rank * share:(rank + 1) * share] if world > 1 else needed
+    notes = preprocess_notes_local(read_notes(data_dir, mine if len(mine) else needed[:1], columns=columns), prep)
+    if world > 1:  # repeat the first row up to `share` rows: every rank runs the same batches
+        notes = {k: np.concatenate([v, np.repeat(v[:1], share - len(v), axis=0)]) for k, v in notes.items()}
     blank = blank_text_prompt(prep.tokenizer, run_cfg.model) if modality == "image" else None
     ids, emb = embed_notes_local(model, notes, device, run_cfg.eval.batch_size, kind=kind, modality=modality,
                                  blank_ids=blank, pad_id=_pad_id(prep.tokenizer), features=features)
+    if world > 1:
+        ids, emb = gather_embeddings(ids)[0], gather_embeddings(emb)[0]  # [world * share], [world * share, d]
+        ids, first = np.unique(ids.numpy(), return_index=True)  # drop the padding repeats
+        ids, emb = torch.from_numpy(ids), emb[torch.from_numpy(first)]
     metrics, per_query = evaluate_embeddings(ids, emb, protocol, run_cfg.eval.ks, run_cfg.eval.chunk_size,
                                              ties=run_cfg.eval.ties)
     metrics["split"] = split

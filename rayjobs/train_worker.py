@@ -300,14 +300,15 @@ def _write_export(engine, cfg: RunConfig, rank: int, tokenizer, out_dir: Path) -
         save_export(engine.module, tokenizer, cfg, out_dir)
 
 
-def _validate(engine, cfg: RunConfig, device, features=None) -> dict:
-    """Recall@K on the validation pairs (never test); every rank runs it (ZeRO-3 forwards are collective)."""
+def _validate(engine, cfg: RunConfig, device, features=None, rank: int = 0, world: int = 1) -> dict:
+    """Recall@K on the validation pairs (never test); each rank embeds its share of the notes."""
     from core.evaluation import validation_recall
 
     engine.module.eval()
     try:
         with torch.no_grad():
-            report = validation_recall(engine.module, cfg.data.path, cfg, device, split="val", features=features)
+            report = validation_recall(engine.module, cfg.data.path, cfg, device, split="val", features=features,
+                                       rank=rank, world=world)
     finally:
         engine.module.train()
     # final_metrics.json contract: core.metrics.metric_key names, interval bounds beside them
@@ -485,10 +486,10 @@ def train_fn_per_worker(config: dict) -> None:
         epoch += 1
         batches_in_epoch = 0
         if cfg.eval.every_epoch:
-            val = _validate(engine, cfg, device, features)
+            val = _validate(engine, cfg, device, features, rank, world)
             log_scalars("val", val)
             report({**last_metrics, **val, "step": step, "epoch": epoch}, save=True)
-    val = _validate(engine, cfg, device, features)
+    val = _validate(engine, cfg, device, features, rank, world)
     log_scalars("val", val)
     if writer is not None:
         writer.close()

@@ -3,7 +3,9 @@ embeddings; a changed key recomputes; a corrupt cache is rebuilt with a message.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.config import RunConfig
+from core.config import ConfigError, RunConfig, load_run_config
 from core.data import features as F
 from core.data.pipeline import iter_pair_batches_local
 from core.evaluation import validation_recall
@@ -21,6 +23,7 @@ from core.step import forward_pair_batch
 from tests.conftest import tiny_model_dict
 
 IMAGELESS = (0, 1, 2, 3, 4, 5)
+SMOKE = Path(__file__).resolve().parents[3] / "rayjobs" / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +64,8 @@ def test_cached_step_and_validation_equal_the_live_encoder(prepared):
     model, _ = build_model(cfg.model, cfg.loss, seed=0)
     model.train()
     cache = F.ensure_feature_cache(model.vision, str(prepared))
-    live_batches = list(iter_pair_batches_local(prepared, "train", cfg, batch_size=8, seed=0))[:3]
-    cached_batches = list(iter_pair_batches_local(prepared, "train", cfg, batch_size=8, seed=0, decode_images=False))[:3]
+    live_batches = list(iter_pair_batches_local(prepared, "train", cfg, batch_size=8, seed=0))[:2]
+    cached_batches = list(iter_pair_batches_local(prepared, "train", cfg, batch_size=8, seed=0, decode_images=False))[:2]
     assert not any("pixel_values" in k for k in cached_batches[0])
     imageless_seen = 0
     for live, cached in zip(live_batches, cached_batches):
@@ -162,3 +165,29 @@ def test_cache_off_reasons(prepared):
     text = run_cfg(prepared, prompt_mode="text", late_fusion=False)
     assert F.feature_cache_off_reason(text) == "the model reads no images"
     assert "remote" in F.feature_cache_off_reason(run_cfg("s3://bucket/data"))
+    with pytest.raises(ConfigError, match=r"data.feature_cache='on' is invalid: allowed one of auto, off"):
+        RunConfig.from_dict({"data": {"feature_cache": "on"}})
+    assert load_run_config(SMOKE, ["data.feature_cache=off"]).data.feature_cache == "off"  # YAML's `off` is false
+
+
+@pytest.mark.slow
+def test_training_run_with_the_cache_matches_one_without(ray_local, tmp_path, prepared, capfd):
+    """The real `run_training` (Ray Data pipeline without pixels, the worker reading the cache)
+    gives the per-step losses and validation recall of a run that encodes images every step.
+    Without the cache attached, the pixel-less batches would train as image-less notes and the
+    losses would differ."""
+    from rayjobs.train import run_training
+
+    finals = {}
+    for mode in ("off", "auto"):
+        cfg = load_run_config(SMOKE, [f"data.path={prepared}", f"train.storage_path={tmp_path / 'runs'}",
+                                      f"train.name=cache-{mode}", f"data.feature_cache={mode}", "train.num_workers=0",
+                                      "train.deepspeed=zero0", "train.max_steps=3", "train.checkpoint_every=0"])
+        finals[mode] = run_training(cfg)
+    out = capfd.readouterr().out
+    assert "frozen-feature cache off: data.feature_cache=off" in out
+    losses = {m: [h["loss"] for h in json.loads((Path(f["checkpoint"]) / "state.json").read_text())["history"]]
+              for m, f in finals.items()}
+    assert len(losses["auto"]) == 3 and losses["auto"] == pytest.approx(losses["off"], rel=1e-5)
+    recall = {m: {k: v for k, v in f.items() if k.startswith("R@")} for m, f in finals.items()}
+    assert recall["auto"] and recall["auto"] == pytest.approx(recall["off"], abs=1e-6)
