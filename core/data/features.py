@@ -285,6 +285,7 @@ def ensure_feature_cache(vision, data_dir: str) -> FeatureCache:
 
     Raises:
         ValueError: when the encoder has trainable parameters (its features are not fixed).
+        RuntimeError: when the cache directory cannot be written (one line naming it and the fix).
     """
     if any(p.requires_grad for p in vision.parameters()):
         raise ValueError("the feature cache needs a frozen vision encoder; set data.feature_cache=off")
@@ -292,8 +293,13 @@ def ensure_feature_cache(vision, data_dir: str) -> FeatureCache:
     key = cache_key(parts)
     root = Path(data_dir) / CACHE_DIR
     directory = root / key
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "w")
+    except OSError as err:
+        raise RuntimeError(f"{root}: cannot write the feature cache ({err.strerror or err}); "
+                           "set data.feature_cache=off or make the data directory writable") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then verify its result
         if directory.is_dir():
             memo = (str(directory), _signature(directory))
