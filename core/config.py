@@ -34,6 +34,7 @@ DTYPES = ("float32", "bfloat16")
 ZERO_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 NAN_POLICIES = ("skip", "stop")
 MODALITIES = ("both", "image", "text")
+FEATURE_CACHE_MODES = ("auto", "off")
 EVAL_POOLS = ("catalog", "official", "targets")
 """Candidate pools of the evaluation protocol (`core.evaluation.build_protocol`)."""
 TIE_POLICIES = TIES
@@ -253,6 +254,8 @@ class DataConfig:
     """How pairs meet their notes: `broadcast` (each preprocessing actor loads notes.parquet once and looks notes up by id: starts in seconds, holds the notes table per actor), `shuffle` (Ray Data hash join: for notes tables that do not fit an actor), `auto` (broadcast when notes.parquet is at most 1 GiB)."""
     seed: int = 0
     """Seed of the corpus generator and the train/test split."""
+    feature_cache: str = "auto"
+    """Frozen vision features: `auto` computes the encoder's outputs (patch tokens + pooled feature) once per corpus into `<path>/feature_cache/` and trains, validates and evaluates on them instead of decoding and encoding images (a changed encoder, image size, preprocessing or image recomputes them; a corrupt cache is rebuilt); `off` encodes images every step. Remote `path`s (s3://, gs://) always encode."""
 
     def __post_init__(self) -> None:
         s = "data"
@@ -262,6 +265,9 @@ class DataConfig:
         _check_range(s, "short_text_chars", self.short_text_chars, lo=0)
         _check_range(s, "preprocess_actors", self.preprocess_actors, lo=1)
         _check_choice(s, "pair_join", self.pair_join, ("auto", "broadcast", "shuffle"))
+        if self.feature_cache is False:  # YAML 1.1 reads a bare `off` as false
+            self.feature_cache = "off"
+        _check_choice(s, "feature_cache", self.feature_cache, FEATURE_CACHE_MODES)
         _check_range(s, "seed", self.seed, lo=0)
         _check_types(self, s)
 

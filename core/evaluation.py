@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from core.config import EVAL_POOLS as POOLS
 from core.config import MODALITIES
 from core.data.split import dedupe_test_pairs
+from core.distributed import gather_embeddings, world_info
 from core.metrics import (
     SUBSETS,
     approximate_target_ranks,
@@ -365,7 +366,8 @@ def blank_text_prompt(tokenizer, model_cfg) -> np.ndarray:
     return tokenize_notes(tokenizer, [{}], model_cfg)["input_ids"][0]
 
 
-def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None = None, pad_id: int = 0) -> dict:
+def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None = None, pad_id: int = 0,
+                   blank_features=None) -> dict:
     """The ablation's view of a preprocessed note batch (numpy arrays or tensors).
 
     Args:
@@ -375,6 +377,8 @@ def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None =
         blank_ids: `blank_text_prompt(...)`, required for `image`: every row becomes that prompt,
             so the image placeholders stay where the template puts them.
         pad_id: pad token id used when the blank prompt is shorter than the batch width.
+        blank_features: the blank image's cached (patches [L_p, h_v], cls [h_v]), required for
+            `text` when the batch carries cached features (`FeatureCache.blank`).
 
     Returns:
         A new dict; inputs are not modified.
@@ -388,7 +392,13 @@ def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None =
     if modality == "text":
         # Official: a blank image still goes through encoder, connector and gate, so a fused model
         # sees the kind of input it was trained on (has_image False would skip the gate instead).
-        if "pixel_values" in out:
+        if "vision_patches" in out:
+            if blank_features is None:
+                raise ValueError("modality='text' on cached features needs blank_features = FeatureCache.blank")
+            out["vision_patches"] = blank_features[0].expand(n, -1, -1)  # [N, L_p, h_v]
+            out["vision_cls"] = blank_features[1].expand(n, -1)  # [N, h_v]
+            out["has_image"] = np.ones(n, dtype=bool)
+        elif "pixel_values" in out:
             out["pixel_values"] = np.zeros_like(np.asarray(out["pixel_values"]))
             out["has_image"] = np.ones(n, dtype=bool)
         else:
@@ -408,7 +418,7 @@ def apply_modality(batch: Mapping, modality: str, blank_ids: np.ndarray | None =
 
 
 def _as_tensors(batch: Mapping) -> dict:
-    keep = ("note_id", "input_ids", "attention_mask", "pixel_values", "has_image")
+    keep = ("note_id", "input_ids", "attention_mask", "pixel_values", "has_image", "vision_patches", "vision_cls")
     return {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
             for k, v in batch.items() if k in keep}
 
@@ -442,6 +452,8 @@ def embed_batch(model, batch: Mapping, device, kind: str = "multimodal", dim: in
         raise ValueError(f"embedding kind {kind!r}: allowed {', '.join(EMBEDDINGS)}")
     notes = _as_tensors(batch)
     if kind == "image-features":
+        if "vision_cls" in notes:  # the feature cache holds exactly these
+            return notes["vision_cls"].float().cpu()
         vision = getattr(model, "vision", model)
         if vision is None or "pixel_values" not in notes:
             raise ValueError("the image-features baseline needs a model config with a vision encoder "
@@ -464,7 +476,7 @@ def _iter_batches(notes, batch_size: int):
 
 
 def embed_notes_local(model, notes, device="cpu", batch_size: int = 32, *, kind: str = "multimodal",
-                      modality: str = "both", blank_ids: np.ndarray | None = None, pad_id: int = 0):
+                      modality: str = "both", blank_ids: np.ndarray | None = None, pad_id: int = 0, features=None):
     """Embed preprocessed notes in this process (training-loop validation, tests).
 
     Args:
@@ -475,6 +487,7 @@ def embed_notes_local(model, notes, device="cpu", batch_size: int = 32, *, kind:
         batch_size: notes per forward.
         kind: see `embed_batch`.
         modality, blank_ids, pad_id: the ablation, see `apply_modality`.
+        features: a `core.data.features.FeatureCache`: cached vision features instead of pixels.
 
     Returns:
         (note_ids int64 [N], embeddings float32 [N, d]) on the CPU, in input order.
@@ -485,7 +498,8 @@ def embed_notes_local(model, notes, device="cpu", batch_size: int = 32, *, kind:
     ids, embs = [], []
     try:
         for batch in _iter_batches(notes, batch_size):
-            batch = apply_modality(batch, modality, blank_ids, pad_id)
+            batch = features.attach(batch) if features is not None else batch
+            batch = apply_modality(batch, modality, blank_ids, pad_id, features.blank if features is not None else None)
             ids.append(torch.as_tensor(np.asarray(batch["note_id"])).long())
             embs.append(embed_batch(model, batch, device, kind))
     finally:
@@ -560,13 +574,15 @@ def check_modality(model_cfg, modality: str) -> None:
 
 def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | None = None, *,
                       modality: str = "both", split: str = "val", pool: str | None = None, preprocessor=None,
-                      return_per_query: bool = False, kind: str = "multimodal", dims=None):
+                      return_per_query: bool = False, kind: str = "multimodal", dims=None, features="auto",
+                      rank: int = 0, world: int = 1):
     """Recall@K on held-out pairs, in-process (the training loop's validation; the demo's final tables).
 
     Reads pairs_<split>.parquet and notes.parquet from `data_dir`, preprocesses the needed notes
     with the data pipeline's `NotePreprocessor` (no Ray), embeds them with the multimodal
-    embedding under `torch.no_grad` and scores them under the protocol. Every rank of a ZeRO-3
-    run may call it: the batches are identical on each, so collective forwards line up.
+    embedding under `torch.no_grad` and scores them under the protocol. In a multi-worker run
+    every rank calls it with its `rank`/`world`: each embeds an equal share (ZeRO-3's collective
+    forwards line up), the embeddings are all-gathered, and every rank scores the same metrics.
 
     Args:
         model: the NoteLLM-2 module (on `device`).
@@ -583,10 +599,16 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
             (the raw frozen vision feature: the no-training baseline).
         dims: Matryoshka widths also scored (`evaluate_dims`, under "dims"); default the trained
             ones, `run_cfg.loss.matryoshka_dims` (none for image-features).
+        features: a `core.data.features.FeatureCache`, None (encode pixels), or `auto`: the
+            cache of `model.vision` when `data.feature_cache` allows (`feature_cache_for`).
+        rank, world: with world > 1 every rank of the default process group calls this; each
+            preprocesses and embeds its contiguous share of the notes (padded to equal length,
+            so ZeRO-3's collective forwards line up) and the embeddings are all-gathered.
 
     Returns:
         The metrics dict of `evaluate_embeddings` (and the per-query frame if asked).
     """
+    from core.data.features import feature_cache_for
     from core.data.pipeline import IMAGE_COLUMNS, TEXT_COLUMNS, NotePreprocessor, needs_image
 
     if kind != "image-features":
@@ -595,13 +617,25 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
     pairs = read_pairs(data_dir, split)
     all_ids = read_notes(data_dir, columns=["note_id"])["note_id"].to_numpy() if pool == "catalog" else None
     protocol = build_protocol(pairs, pool=pool, all_note_ids=all_ids, max_queries=max_queries)
-    prep = preprocessor if preprocessor is not None else NotePreprocessor(run_cfg.model)
-    columns = list(TEXT_COLUMNS) + (list(IMAGE_COLUMNS) if needs_image(run_cfg.model) else [])
-    raw = read_notes(data_dir, protocol.needed_ids(), columns=columns)
-    notes = preprocess_notes_local(raw, prep)
+    if isinstance(features, str):
+        features = feature_cache_for(getattr(model, "vision", model), run_cfg, data_dir)
+    prep = preprocessor if preprocessor is not None else NotePreprocessor(run_cfg.model, decode_images=features is None)
+    columns = list(TEXT_COLUMNS) + (list(IMAGE_COLUMNS) if needs_image(run_cfg.model) and features is None else [])
+    if world > 1 and world_info() != (rank, world):
+        raise ValueError(f"sharded validation as rank {rank} of {world} needs that process group; have {world_info()}")
+    needed = protocol.needed_ids()
+    share = -(-len(needed) // world)  # notes per rank
+    mine = needed[rank * share:(rank + 1) * share] if world > 1 else needed
+    notes = preprocess_notes_local(read_notes(data_dir, mine if len(mine) else needed[:1], columns=columns), prep)
+    if world > 1:  # repeat the first row up to `share` rows: every rank runs the same batches
+        notes = {k: np.concatenate([v, np.repeat(v[:1], share - len(v), axis=0)]) for k, v in notes.items()}
     blank = blank_text_prompt(prep.tokenizer, run_cfg.model) if modality == "image" else None
     ids, emb = embed_notes_local(model, notes, device, run_cfg.eval.batch_size, kind=kind, modality=modality,
-                                 blank_ids=blank, pad_id=_pad_id(prep.tokenizer))
+                                 blank_ids=blank, pad_id=_pad_id(prep.tokenizer), features=features)
+    if world > 1:
+        ids, emb = gather_embeddings(ids)[0], gather_embeddings(emb)[0]  # [world * share], [world * share, d]
+        ids, first = np.unique(ids.numpy(), return_index=True)  # drop the padding repeats
+        ids, emb = torch.from_numpy(ids), emb[torch.from_numpy(first)]
     metrics, per_query = evaluate_embeddings(ids, emb, protocol, run_cfg.eval.ks, run_cfg.eval.chunk_size,
                                              ties=run_cfg.eval.ties)
     dims = (run_cfg.loss.matryoshka_dims if kind != "image-features" else []) if dims is None else dims

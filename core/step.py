@@ -5,7 +5,7 @@ per related pair, each side's columns prefixed `q_` (query) and `t_` (target):
 
     {q,t}_input_ids      int64 [B, T]   right-padded prompt ids
     {q,t}_attention_mask int64 [B, T]
-    {q,t}_pixel_values   uint8 [B, 3, S, S]   (absent when the model uses no image)
+    {q,t}_pixel_values   uint8 [B, 3, S, S]   (absent when the model uses no image, or with the feature cache)
     {q,t}_has_image      bool  [B]            (False: blank image, gate sees no vision feature)
     {q,t}_note_id        int64 [B]
 
@@ -14,6 +14,12 @@ per related pair, each side's columns prefixed `q_` (query) and `t_` (target):
 A training step is `start_pair_step` (forward + loss, returning a `backward` to call once the
 loss is known to be finite): one forward with graph, or with `loss.grad_cache_chunk_size` = N
 the GradCache passes of `core.grad_cache` over chunks of N pairs (rows q_s..q_e and t_s..t_e).
+With a frozen-feature cache (`core.data.features`, `data.feature_cache`) the batch carries no
+pixels; the notes get the cached encoder outputs by note id instead, and the model reads them:
+
+    vision_patches       float32 [2B, L_p, h_v]  -> NoteLLM2(image_features=(patches, cls))
+    vision_cls           float32 [2B, h_v]
+    has_image            bool  [2B]              (from the cache: it decoded the images)
 """
 
 from __future__ import annotations
@@ -27,8 +33,13 @@ from core.model.notellm2 import NoteEmbeddings
 NOTE_KEYS = ("input_ids", "attention_mask", "pixel_values", "has_image", "note_id")
 
 
-def pair_batch_to_notes(batch: dict) -> dict:
-    """Concatenate the query and target sides into one note batch [q_1..q_B, t_1..t_B]."""
+def pair_batch_to_notes(batch: dict, features=None) -> dict:
+    """Concatenate the query and target sides into one note batch [q_1..q_B, t_1..t_B].
+
+    Args:
+        batch: a pair batch (layout above).
+        features: a `core.data.features.FeatureCache`: add each note's cached vision features.
+    """
     notes = {}
     for key in NOTE_KEYS:
         q, t = batch.get(f"q_{key}"), batch.get(f"t_{key}")
@@ -38,6 +49,8 @@ def pair_batch_to_notes(batch: dict) -> dict:
     for key in ("input_ids", "attention_mask", "note_id"):
         if key not in notes:
             raise KeyError(f"pair batch is missing q_{key}/t_{key}; has {sorted(batch)}")
+    if features is not None:
+        notes = features.attach(notes)
     return trim_padding(notes)
 
 
@@ -56,7 +69,11 @@ def model_inputs(notes: dict, device: torch.device | str) -> dict:
         "input_ids": notes["input_ids"].to(device, non_blocking=True),
         "attention_mask": notes["attention_mask"].to(device, non_blocking=True),
     }
-    if "pixel_values" in notes:
+    if "vision_patches" in notes:
+        out["image_features"] = (notes["vision_patches"].to(device, non_blocking=True),
+                                 notes["vision_cls"].to(device, non_blocking=True))
+        out["has_image"] = notes["has_image"].to(device)
+    elif "pixel_values" in notes:
         out["pixel_values"] = notes["pixel_values"].to(device, non_blocking=True)
         out["has_image"] = notes.get("has_image", torch.ones(len(notes["input_ids"]), dtype=torch.bool)).to(device)
     return out
@@ -89,9 +106,12 @@ def compute_loss(embeddings, log_scale: torch.Tensor, note_ids: torch.Tensor | N
     return loss, metrics
 
 
-def forward_pair_batch(model, batch: dict, loss_cfg, device) -> tuple[torch.Tensor, dict]:
-    """Pair batch -> loss and metrics; the training loop and its tests both call this."""
-    notes = pair_batch_to_notes(batch)
+def forward_pair_batch(model, batch: dict, loss_cfg, device, features=None) -> tuple[torch.Tensor, dict]:
+    """Pair batch -> loss and metrics; the training loop and its tests both call this.
+
+    `features`: the run's `core.data.features.FeatureCache`, or None to encode the batch's pixels.
+    """
+    notes = pair_batch_to_notes(batch, features)
     out = model(**model_inputs(notes, device))
     # log_scale comes back from forward: under ZeRO-3 parameters are only gathered inside it
     loss, metrics = compute_loss(out, out.log_scale, notes["note_id"].to(device), loss_cfg)
@@ -99,7 +119,7 @@ def forward_pair_batch(model, batch: dict, loss_cfg, device) -> tuple[torch.Tens
     return loss, metrics
 
 
-def start_pair_step(model, batch: dict, loss_cfg, device) -> tuple[torch.Tensor, dict, callable]:
+def start_pair_step(model, batch: dict, loss_cfg, device, features=None) -> tuple[torch.Tensor, dict, callable]:
     """Forward and loss of one training step, and the `backward` that completes it.
 
     Returns:
@@ -107,16 +127,17 @@ def start_pair_step(model, batch: dict, loss_cfg, device) -> tuple[torch.Tensor,
         the step (DeepSpeed: `backward(engine.backward, engine.set_gradient_accumulation_boundary)`);
         call it only after deciding to take the step (e.g. the loss is finite). With
         `loss_cfg.grad_cache_chunk_size` the loss is computed graph-free and `backward` replays
-        the chunks; the resulting gradients equal the plain step's.
+        the chunks; the resulting gradients equal the plain step's. `features`: the run's
+        `core.data.features.FeatureCache`, or None to encode the batch's pixels.
     """
     if not getattr(loss_cfg, "grad_cache_chunk_size", 0):
-        loss, metrics = forward_pair_batch(model, batch, loss_cfg, device)
+        loss, metrics = forward_pair_batch(model, batch, loss_cfg, device, features)
 
         def backward(run_backward=None, set_boundary=None):
             (run_backward or torch.Tensor.backward)(loss)
 
         return loss, metrics, backward
-    return _grad_cache_step(model, batch, loss_cfg, device)
+    return _grad_cache_step(model, batch, loss_cfg, device, features)
 
 
 def pair_chunks(n_pairs: int, chunk_pairs: int) -> list[torch.Tensor]:
@@ -126,15 +147,18 @@ def pair_chunks(n_pairs: int, chunk_pairs: int) -> list[torch.Tensor]:
             for s in range(0, n_pairs, chunk_pairs)]
 
 
-def _grad_cache_step(model, batch: dict, loss_cfg, device):
+def _grad_cache_step(model, batch: dict, loss_cfg, device, features=None):
     """GradCache passes (`core.grad_cache`) over chunks of `loss_cfg.grad_cache_chunk_size` pairs."""
-    notes = pair_batch_to_notes(batch)  # padding trimmed once for the whole batch, as unchunked
+    notes = pair_batch_to_notes(batch, features)  # padding trimmed once for the whole batch, as unchunked
     n_rows = notes["input_ids"].shape[0]
     inputs = model_inputs(notes, device)
     chunks = pair_chunks(n_rows // 2, int(loss_cfg.grad_cache_chunk_size))
 
+    def take(v, rows):  # cached vision features come as a (patches, cls) pair
+        return tuple(take(x, rows) for x in v) if isinstance(v, tuple) else v[rows.to(v.device)]
+
     def embed(rows):
-        out = model(**{k: v[rows.to(v.device)] for k, v in inputs.items()})
+        out = model(**{k: take(v, rows) for k, v in inputs.items()})
         return out.multimodal, out.visual, out.log_scale
 
     outputs, states = grad_cache.embed_without_graph(embed, chunks, device)

@@ -66,9 +66,10 @@ class NoteEmbedder:
     """
 
     def __init__(self, checkpoint: str | None = None, untrained: dict | None = None, kind: str = "multimodal",
-                 modality: str = "both", threads: int | None = None):
+                 modality: str = "both", threads: int | None = None, data_dir: str | None = None):
         import torch
 
+        from core.data.features import feature_cache_for
         from core.evaluation import blank_text_prompt
 
         if threads:
@@ -79,11 +80,18 @@ class NoteEmbedder:
         self.kind, self.modality = kind, modality
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.blank = blank_text_prompt(tokenizer, run_cfg.model) if modality == "image" else None
+        # data_dir: the notes come without pixels and this actor reads the frozen-feature cache
+        # (the first actor builds it under a lock; the others wait and verify it).
+        vision = getattr(self.model, "vision", None)
+        self.features = feature_cache_for(vision, run_cfg, data_dir) if data_dir is not None else None
 
     def __call__(self, batch: dict) -> dict:
         from core.evaluation import apply_modality, embed_batch
 
-        batch = apply_modality(batch, self.modality, self.blank, self.pad_id)
+        if self.features is not None:
+            batch = self.features.attach(batch)
+        batch = apply_modality(batch, self.modality, self.blank, self.pad_id,
+                               self.features.blank if self.features is not None else None)
         emb = embed_batch(self.model, batch, self.device, self.kind)  # [B, d] float32
         return {"note_id": np.asarray(batch["note_id"], dtype=np.int64), "embedding": emb.numpy()}
 
@@ -141,9 +149,11 @@ def embed_with_ray(data_dir: str, run_cfg, note_ids, *, checkpoint: str | None =
     import ray
     import torch
 
+    from core.data.features import feature_cache_off_reason
     from core.data.pipeline import note_dataset
 
-    ds = note_dataset(data_dir, run_cfg, note_ids=note_ids)
+    cached = feature_cache_off_reason(run_cfg, data_dir) is None
+    ds = note_dataset(data_dir, run_cfg, note_ids=note_ids, decode_images=not cached)
     # Streaming re-blocking: a small file reads as one block, which would keep all but one actor
     # idle; blocks of <= batch_size rows let every actor of the pool take work.
     ds = ds.repartition(target_num_rows_per_block=batch_size)
@@ -151,7 +161,7 @@ def embed_with_ray(data_dir: str, run_cfg, note_ids, *, checkpoint: str | None =
     ds = ds.map_batches(
         NoteEmbedder,
         fn_constructor_kwargs={"checkpoint": checkpoint, "untrained": untrained, "kind": kind, "modality": modality,
-                               "threads": None if use_gpu else 1},
+                               "threads": None if use_gpu else 1, "data_dir": data_dir if cached else None},
         # Ray 2.60 deprecates map_batches(concurrency=); a fixed pool is ActorPoolStrategy(size=N).
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,

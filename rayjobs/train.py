@@ -128,6 +128,7 @@ def build_trainer(cfg: RunConfig, *, callbacks: Sequence = (), train_fn: Callabl
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from core.data.features import feature_cache_off_reason
     from core.data.pipeline import pair_dataset
 
     t = cfg.train
@@ -147,7 +148,9 @@ def build_trainer(cfg: RunConfig, *, callbacks: Sequence = (), train_fn: Callabl
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        datasets={"train": pair_dataset(cfg.data.path, "train", cfg, max_pairs=pairs_needed(cfg))},
+        # With the frozen-feature cache the pipeline decodes no images; the workers read features.
+        datasets={"train": pair_dataset(cfg.data.path, "train", cfg, max_pairs=pairs_needed(cfg),
+                                        decode_images=feature_cache_off_reason(cfg) is not None)},
     )
 
 

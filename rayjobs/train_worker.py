@@ -208,14 +208,15 @@ def _write_export(engine, cfg: RunConfig, rank: int, tokenizer, out_dir: Path) -
         save_export(engine.module, tokenizer, cfg, out_dir)
 
 
-def _validate(engine, cfg: RunConfig, device) -> dict:
-    """Recall@K on the validation pairs (never test); every rank runs it (ZeRO-3 forwards are collective)."""
+def _validate(engine, cfg: RunConfig, device, features=None, rank: int = 0, world: int = 1) -> dict:
+    """Recall@K on the validation pairs (never test); each rank embeds its share of the notes."""
     from core.evaluation import validation_recall
 
     engine.module.eval()
     try:
         with torch.no_grad():
-            report = validation_recall(engine.module, cfg.data.path, cfg, device, split="val")
+            report = validation_recall(engine.module, cfg.data.path, cfg, device, split="val", features=features,
+                                       rank=rank, world=world)
     finally:
         engine.module.train()
     # final_metrics.json contract: core.metrics.metric_key names, interval bounds beside them
@@ -258,6 +259,7 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
     import deepspeed
     import ray.train
 
+    from core.data.features import feature_cache_for
     from core.deepspeed_config import load_deepspeed_config, use_this_interpreters_build_tools
     from core.model.builders import build_model, count_parameters
     from core.step import start_pair_step
@@ -273,6 +275,9 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
 
     model, tokenizer = build_model(cfg.model, cfg.loss, seed=t.seed)
     model.to(device)
+    # Before deepspeed.initialize: under ZeRO-3 the encoder's weights are whole only until then.
+    # The driver left pixels out of the pipeline exactly when this returns a cache.
+    features = feature_cache_for(model.vision, cfg)
     steps_per_epoch = _steps_per_epoch(cfg, world)
     total_steps = steps_per_epoch * t.epochs
     if t.max_steps:
@@ -384,7 +389,7 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
             if epoch == start_epoch and batches_in_epoch <= skip_batches:
                 continue  # consumed before the interruption
             t0 = time.time()
-            loss, metrics, backward = start_pair_step(engine, batch, cfg.loss, device)
+            loss, metrics, backward = start_pair_step(engine, batch, cfg.loss, device, features)
             nonfinite = _guarded_backward(engine, loss, backward, device, before_backward, step + 1, rank)
             if nonfinite:
                 skipped_nonfinite += 1
@@ -425,10 +430,10 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
         epoch += 1
         batches_in_epoch = 0
         if cfg.eval.every_epoch:
-            val = _validate(engine, cfg, device)
+            val = _validate(engine, cfg, device, features, rank, world)
             log_scalars("val", val)
             report({**last_metrics, **val, "step": step, "epoch": epoch}, save=True)
-    val = _validate(engine, cfg, device)
+    val = _validate(engine, cfg, device, features, rank, world)
     log_scalars("val", val)
     if writer is not None:
         writer.close()

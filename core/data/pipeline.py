@@ -62,9 +62,11 @@ class NotePreprocessor:
         model_cfg: a `ModelConfig` or its dict (the Ray boundary passes dicts).
         sides: column prefixes to process, each with its id column: `[("", "note_id")]` for
             notes, `[("q_", "query_id"), ("t_", "target_id")]` for joined pairs.
+        decode_images: False leaves images out (no pixel_values / has_image columns): the run
+            reads the frozen encoder's features from `core.data.features` instead.
     """
 
-    def __init__(self, model_cfg, sides=(("", "note_id"),)):
+    def __init__(self, model_cfg, sides=(("", "note_id"),), decode_images: bool = True):
         from core.config import ModelConfig
         from core.model.builders import build_tokenizer
         from core.prompts import prompt_length_bound
@@ -73,7 +75,7 @@ class NotePreprocessor:
         self.tokenizer = build_tokenizer(self.cfg)
         self.max_length = prompt_length_bound(self.tokenizer, self.cfg)
         self.sides = [tuple(s) for s in sides]
-        self.with_image = needs_image(self.cfg)
+        self.with_image = needs_image(self.cfg) and decode_images
         self.image_failures: Counter = Counter()
 
     def __call__(self, batch) -> dict:
@@ -120,8 +122,8 @@ def _columns(batch) -> dict:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else list(v)) for k, v in batch.items()}
 
 
-def _note_columns(model_cfg) -> list[str]:
-    return list(TEXT_COLUMNS) + (list(IMAGE_COLUMNS) if needs_image(model_cfg) else [])
+def _note_columns(model_cfg, decode_images: bool = True) -> list[str]:
+    return list(TEXT_COLUMNS) + (list(IMAGE_COLUMNS) if needs_image(model_cfg) and decode_images else [])
 
 
 def _actor_pool(run_cfg):
@@ -142,7 +144,7 @@ def _progress_bars_only_on_a_terminal() -> None:
         DataContext.get_current().enable_progress_bars = False
 
 
-def note_dataset(data_dir, run_cfg, note_ids=None, batch_size: int = 64):
+def note_dataset(data_dir, run_cfg, note_ids=None, batch_size: int = 64, decode_images: bool = True):
     """Preprocessed notes as a Ray Dataset (evaluation embeds these).
 
     Args:
@@ -150,15 +152,16 @@ def note_dataset(data_dir, run_cfg, note_ids=None, batch_size: int = 64):
         run_cfg: `RunConfig` (model settings decide prompts, image size, pixel columns).
         note_ids: keep only these notes (None: all).
         batch_size: notes per preprocessing call.
+        decode_images: False reads no images (the consumer attaches cached features).
 
     Returns:
         Dataset with columns note_id, input_ids, attention_mask, text_chars and, when the model
-        uses images, pixel_values and has_image.
+        uses images and `decode_images`, pixel_values and has_image.
     """
     import ray.data
 
     _progress_bars_only_on_a_terminal()
-    ds = ray.data.read_parquet(data_path(data_dir, NOTES_FILE), columns=_note_columns(run_cfg.model))
+    ds = ray.data.read_parquet(data_path(data_dir, NOTES_FILE), columns=_note_columns(run_cfg.model, decode_images))
     if note_ids is not None:
         keep = np.unique(np.asarray(list(note_ids), dtype=np.int64))
 
@@ -170,12 +173,14 @@ def note_dataset(data_dir, run_cfg, note_ids=None, batch_size: int = 64):
 
         ds = ds.map_batches(select, batch_format="pyarrow")
     return ds.map_batches(
-        NotePreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "sides": [("", "note_id")]},
+        NotePreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "sides": [("", "note_id")],
+                                                 "decode_images": decode_images},
         compute=_actor_pool(run_cfg), batch_size=batch_size, batch_format="pyarrow",
     )
 
 
-def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64, max_pairs: int | None = None):
+def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64, max_pairs: int | None = None,
+                 decode_images: bool = True):
     """Pairs of `split` joined with both notes and preprocessed (layout: module docstring).
 
     Args:
@@ -186,13 +191,14 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64, max_pairs:
         max_pairs: keep only the first N pairs, before any preprocessing. A run capped by
             `train.max_steps` below one epoch needs no more, and Ray Data's streaming executor
             would otherwise decode every image of the file ahead of the trainer, on the same CPUs.
+        decode_images: False: no pixel columns (the trainer reads the frozen-feature cache).
     """
     import ray.data
 
     if split not in PAIRS_FILES:
         raise ValueError(f"split {split!r}: allowed {', '.join(PAIRS_FILES)}")
     pairs_path = data_path(data_dir, PAIRS_FILES[split])
-    cols = _note_columns(run_cfg.model)
+    cols = _note_columns(run_cfg.model, decode_images)
     _progress_bars_only_on_a_terminal()
     pairs = ray.data.read_parquet(pairs_path, columns=["query_id", "target_id"])
     if max_pairs is not None:
@@ -200,7 +206,8 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64, max_pairs:
     notes_path = data_path(data_dir, NOTES_FILE)
     if pair_join_mode(notes_path, run_cfg.data.pair_join) == "broadcast":
         return pairs.map_batches(
-            PairPreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "notes_path": notes_path, "columns": cols},
+            PairPreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "notes_path": notes_path, "columns": cols,
+                                                     "decode_images": decode_images},
             compute=_actor_pool(run_cfg), batch_size=batch_size, batch_format="pyarrow",
         )
     notes = ray.data.read_parquet(notes_path, columns=cols)
@@ -210,7 +217,8 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64, max_pairs:
         side = notes.rename_columns({c: prefix + c for c in cols})
         joined = joined.join(side, join_type="inner", num_partitions=partitions, on=(key,), right_on=(prefix + "note_id",))
     return joined.map_batches(
-        NotePreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "sides": [("q_", "query_id"), ("t_", "target_id")]},
+        NotePreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "sides": [("q_", "query_id"), ("t_", "target_id")],
+                                                 "decode_images": decode_images},
         compute=_actor_pool(run_cfg), batch_size=batch_size, batch_format="pyarrow",
     )
 
@@ -238,10 +246,10 @@ class PairPreprocessor:
     up. Pairs whose notes are missing are dropped, counted and logged (a hash join drops them
     silently). Holds the notes table (compressed image bytes or URIs) in actor memory."""
 
-    def __init__(self, model_cfg, notes_path: str, columns: list[str]):
+    def __init__(self, model_cfg, notes_path: str, columns: list[str], decode_images: bool = True):
         import pyarrow.parquet as pq
 
-        self.prep = NotePreprocessor(model_cfg)
+        self.prep = NotePreprocessor(model_cfg, decode_images=decode_images)
         notes = pq.read_table(notes_path, columns=columns)
         ids = notes["note_id"].to_numpy()
         order = np.argsort(ids, kind="stable")
@@ -291,11 +299,12 @@ def _model_dict(run_cfg) -> dict:
     return dataclasses.asdict(run_cfg.model)
 
 
-def iter_pair_batches_local(data_dir, split: str, run_cfg, batch_size: int, seed: int = 0, drop_last: bool = True) -> Iterator[dict]:
+def iter_pair_batches_local(data_dir, split: str, run_cfg, batch_size: int, seed: int = 0, drop_last: bool = True,
+                            decode_images: bool = True) -> Iterator[dict]:
     """The pair batches of `pair_dataset`, without Ray: for plain-loop baselines and unit tests.
 
     Every note referenced by the split is preprocessed once and held in memory, so this suits
-    corpora that fit one machine. Pairs are shuffled by `seed`.
+    corpora that fit one machine. Pairs are shuffled by `seed`. `decode_images` as in `pair_dataset`.
 
     Yields:
         dict of torch tensors in the `core.step` layout.
@@ -308,7 +317,7 @@ def iter_pair_batches_local(data_dir, split: str, run_cfg, batch_size: int, seed
     pairs = pq.read_table(data_path(data_dir, PAIRS_FILES[split]), columns=["query_id", "target_id"])
     q, t = pairs["query_id"].to_numpy(), pairs["target_id"].to_numpy()
     needed = np.unique(np.concatenate([q, t]))
-    notes = pq.read_table(data_path(data_dir, NOTES_FILE), columns=_note_columns(run_cfg.model))
+    notes = pq.read_table(data_path(data_dir, NOTES_FILE), columns=_note_columns(run_cfg.model, decode_images))
     notes = notes.filter(pc.is_in(notes["note_id"], value_set=pa.array(needed)))
     order = np.argsort(notes["note_id"].to_numpy(), kind="stable")
     notes = notes.take(order)
@@ -316,7 +325,7 @@ def iter_pair_batches_local(data_dir, split: str, run_cfg, batch_size: int, seed
     missing = np.setdiff1d(needed, ids)
     if len(missing):
         raise KeyError(f"{data_dir}: {len(missing)} pair note ids are not in {NOTES_FILE}, e.g. {missing[:5].tolist()}")
-    prep = NotePreprocessor(run_cfg.model)
+    prep = NotePreprocessor(run_cfg.model, decode_images=decode_images)
     feats = [prep(notes.slice(i, 256)) for i in range(0, notes.num_rows, 256)]
     table = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]} if feats else {}
     qi, ti = np.searchsorted(ids, q), np.searchsorted(ids, t)

@@ -1,6 +1,7 @@
 """NoteLLM-2 (REFERENCE §3-§5): a note prompt with its image spliced in -> note embeddings.
 
     out = model(input_ids, attention_mask, pixel_values, has_image)
+    out = model(input_ids, attention_mask, has_image=has_image, image_features=(patches, cls))  # cached
     out.multimodal   # [N, d]  n^m: last prompt token (after late fusion and the head)
     out.visual       # [N, d]  n^v: token before <IMG_EMB> (mICL only, else None)
     out.log_scale    # scalar  tau, returned from forward so ZeRO-3 has it gathered
@@ -150,6 +151,7 @@ class NoteLLM2(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
+        image_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> NoteEmbeddings:
         """Embed a batch of notes.
 
@@ -159,7 +161,10 @@ class NoteLLM2(nn.Module):
             pixel_values: uint8 [N, 3, S, S] (0-255) or float (0-1); None treats every note as
                 image-less (text-only evaluation, or models that use no image).
             has_image: bool [N]; False rows get zero visual tokens and skip late fusion.
-                None means every row has an image (when pixel_values is given).
+                None means every row has an image (when pixel_values or image_features is given).
+            image_features: instead of pixel_values, the frozen encoder's outputs computed earlier
+                (patches [N, L_p, h_v], cls [N, h_v]; `core.data.features`), handed to the vision
+                module in place of the images.
 
         Returns:
             NoteEmbeddings with float32 [N, d] embeddings.
@@ -167,15 +172,17 @@ class NoteLLM2(nn.Module):
         n = input_ids.shape[0]
         embed = self.llm.get_input_embeddings()
         dtype = embed.weight.dtype  # compute in the LLM's dtype
-        if pixel_values is None:
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
+        if pixel_values is None and image_features is None:
             has_image = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
         elif has_image is None:
             has_image = torch.ones(n, dtype=torch.bool, device=input_ids.device)
         has_image = has_image.to(device=input_ids.device, dtype=torch.bool)
 
         patches = cls = None
-        if pixel_values is not None and self.uses_image:
-            patches, cls = self.vision(pixel_values)  # [N, L_p, h_v], [N, h_v]; no grad
+        if (pixel_values is not None or image_features is not None) and self.uses_image:
+            patches, cls = self.vision(pixel_values, features=image_features)  # [N, L_p, h_v], [N, h_v]; no grad
             patches, cls = patches.to(dtype), cls.to(dtype)
 
         inputs = embed(input_ids)  # [N, T, h_t]

@@ -5,6 +5,7 @@ Every encoder has the same face:
     enc.feature_dim            # h_v
     enc.num_patches            # L_p at the configured image size
     patches, cls = enc(pixel_values)   # [N, L_p, h_v], [N, h_v]
+    patches, cls = enc(features=(patches, cls))   # precomputed (the feature cache): checked, passed on
 
 `pixel_values` is uint8 [N, 3, S, S] in 0-255 or float already in 0-1; each encoder applies its
 own mean/std. Encoders are frozen for good: parameters never require grad, `train()` cannot take
@@ -76,8 +77,24 @@ class FrozenVisionEncoder(nn.Module):
         param = next(self.parameters(), None)
         return x if param is None else x.to(param.dtype)
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> (patches [N, L_p, h_v], cls [N, h_v]), both without grad."""
+    def forward(self, pixel_values: torch.Tensor | None = None, *,
+                features: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (patches [N, L_p, h_v], cls [N, h_v]), both without grad.
+
+        Args:
+            pixel_values: images to encode.
+            features: instead of images, this encoder's own outputs computed earlier
+                (`core.data.features`): checked against its patch count and width, returned as they are.
+        """
+        if (pixel_values is None) == (features is None):
+            raise ValueError("pass either pixel_values or features to the vision encoder")
+        if features is not None:
+            patches, cls = features
+            if patches.shape[1:] != (self.num_patches, self.feature_dim) or cls.shape[1:] != (self.feature_dim,):
+                raise ValueError(f"precomputed vision features {tuple(patches.shape)} / {tuple(cls.shape)} do not fit this "
+                                 f"encoder ([N, {self.num_patches}, {self.feature_dim}] / [N, {self.feature_dim}]); "
+                                 "rebuild the feature cache")
+            return patches.detach(), cls.detach()
         with torch.no_grad():
             return self.encode(self.preprocess(pixel_values))
 
