@@ -26,8 +26,8 @@ As a Serve application (config: cluster/serve.yaml, import path `rayjobs.serve:b
         --index /mnt/shared/index/base --host 0.0.0.0 --token "$TOKEN" --replicas 2 --max-replicas 8
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI resolves route parameters from real
+# annotations, and string ones make it treat `request: Request` as a required query field (422).
 import argparse
 import asyncio
 import base64
