@@ -137,14 +137,12 @@ def init_ray(num_cpus: int | None):
     return ray
 
 
-def embed_with_ray(data_dir: str, run_cfg, note_ids, *, checkpoint: str | None = None, untrained: dict | None = None,
-                   kind: str = "multimodal", modality: str = "both", actors: int = 1, batch_size: int = 32,
-                   progress: bool = True, wrap_batches: Callable[[Iterable], Iterable] | None = None):
-    """Embed `note_ids` with a Ray Data actor pool; returns (note_ids int64 [N], embeddings float32 [N, d]).
+def embedding_batches(data_dir: str, run_cfg, note_ids, *, checkpoint: str | None = None, untrained: dict | None = None,
+                      kind: str = "multimodal", modality: str = "both", actors: int = 1, batch_size: int = 32):
+    """Embed `note_ids` with a Ray Data actor pool, yielding (note_ids int64 [b], embeddings float32 [b, d]).
 
     Ray must be initialised. Each actor loads the model once; `num_gpus=1` per actor on GPU nodes.
-    `wrap_batches`, when given, wraps the iterator over the embedded batches (the benchmark times
-    their arrivals with it); it must yield the same batches.
+    Batches arrive in no particular order.
     """
     import ray
     import torch
@@ -168,12 +166,27 @@ def embed_with_ray(data_dir: str, run_cfg, note_ids, *, checkpoint: str | None =
         batch_format="numpy",
         num_gpus=1 if use_gpu else 0,
     )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        yield np.asarray(batch["note_id"], dtype=np.int64), np.asarray(batch["embedding"], dtype=np.float32)
+
+
+def embed_with_ray(data_dir: str, run_cfg, note_ids, *, checkpoint: str | None = None, untrained: dict | None = None,
+                   kind: str = "multimodal", modality: str = "both", actors: int = 1, batch_size: int = 32,
+                   progress: bool = True, wrap_batches: Callable[[Iterable], Iterable] | None = None):
+    """Embed `note_ids` with a Ray Data actor pool; returns (note_ids int64 [N], embeddings float32 [N, d]).
+
+    Ray must be initialised (`embedding_batches` does the work). `wrap_batches`, when given, wraps
+    the iterator over the embedded `(ids, embeddings)` batches (the benchmark times their arrivals
+    with it); it must yield the same batches.
+    """
     total = len(note_ids)
     ids, embs, done, last = [], [], 0, 0.0
-    for batch in (wrap_batches or iter)(ds.iter_batches(batch_size=None, batch_format="numpy")):
-        ids.append(np.asarray(batch["note_id"], dtype=np.int64))
-        embs.append(np.asarray(batch["embedding"], dtype=np.float32))
-        done += len(ids[-1])
+    batches = embedding_batches(data_dir, run_cfg, note_ids, checkpoint=checkpoint, untrained=untrained, kind=kind,
+                                modality=modality, actors=actors, batch_size=batch_size)
+    for batch_ids, batch_emb in (wrap_batches or iter)(batches):
+        ids.append(batch_ids)
+        embs.append(batch_emb)
+        done += len(batch_ids)
         if progress and (time.monotonic() - last > 2.0 or done == total):
             print(f"embedded {done}/{total} notes", flush=True)
             last = time.monotonic()

@@ -35,7 +35,7 @@ def _timed_embed_with_ray(cfg: RunConfig, ids: np.ndarray, actors: int, batch_si
 
     def timed(batches):
         for batch in rec.wrap(batches):
-            sizes.append(len(batch["note_id"]))
+            sizes.append(len(batch[0]))  # (note ids, embeddings)
             yield batch
 
     start = time.time()

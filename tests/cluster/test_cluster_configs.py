@@ -391,3 +391,29 @@ def test_deepspeed_ops_are_cached_per_virtualenv(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "base_prefix", sys.prefix)  # no virtualenv: torch's own default
     use_this_interpreters_build_tools()
     assert "TORCH_EXTENSIONS_DIR" not in os.environ
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Serve config of the related-notes service
+# ---------------------------------------------------------------------------------------------
+
+def test_serve_config_passes_serves_schema_and_builds_the_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayjobs import serve as serve_job
+
+    raw = yaml.safe_load((CLUSTER / "serve.yaml").read_text())
+    schema = ServeDeploySchema.parse_obj(raw)  # Serve's own validation of `serve run` / `serve deploy` files
+    assert schema.http_options.host == "127.0.0.1"  # loopback unless a token is configured
+    (app,) = schema.applications
+    module, attr = app.import_path.split(":")
+    assert module == "rayjobs.serve" and getattr(serve_job, attr) is serve_job.build_app
+    assert app.args["token_env"] == serve_job.TOKEN_ENV
+    built = serve_job.build_app(app.args)._bound_deployment
+    assert built._deployment_config.autoscaling_config.max_replicas == app.args["max_replicas"]
+
+
+def test_every_shipped_cluster_yaml_is_validated_here():
+    tested = Path(__file__).read_text()
+    for path in sorted(CLUSTER.rglob("*.yaml")):
+        assert f'"{path.name}"' in tested, f"{path.relative_to(ROOT)} has no test in {Path(__file__).name}"

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from rayjobs import leaderboard
+from tests.browser import dump_dom, requires_chromium, screenshot
 
 RUNS = [  # name, L, alpha, tau0, R@10, short_query/R@10
     ("run-a", 4, 9.0, 3.0, 0.50, 0.30),
@@ -147,25 +146,17 @@ def test_cli(storage: Path, tmp_path: Path):
     assert leaderboard.main(["--storage", str(tmp_path / "nope")]) == 2
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-@pytest.mark.skipif(_chromium() is None, reason="chromium not installed: python -m rayjobs.fetch_assets --browser")
+@requires_chromium
 def test_html_renders_in_headless_chromium(storage: Path, tmp_path: Path):
     out = leaderboard.write_leaderboard(storage, tmp_path / "board")
     page = Path(out["html"])
     assert "http://" not in page.read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")  # no network
-    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     png = tmp_path / "board.png"
-    shot = subprocess.run([*flags, f"--user-data-dir={tmp_path / 'profile1'}", f"--screenshot={png}",
-                           "--window-size=1280,2000", page.as_uri()], capture_output=True, text=True, timeout=120)
+    shot = screenshot(page, png, tmp_path / "profile1")
     assert png.exists(), shot.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
-    dom = subprocess.run([*flags, f"--user-data-dir={tmp_path / 'profile2'}", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = dump_dom(page, tmp_path / "profile2")
     assert dom.count('<tr class="run') == 3
     for run in ("run-a", "run-b", "run-c"):
         assert run in dom
