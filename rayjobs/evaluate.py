@@ -45,9 +45,10 @@ from pathlib import Path
 import numpy as np
 
 from core.config import EVAL_POOLS, MODALITIES, TIE_POLICIES
+from core.related_index import INDEX_KINDS
 
 BASELINES = ("image-features",)
-INDEXES = ("exact", "hnsw", "ivf")
+INDEXES = INDEX_KINDS  # one home: core.related_index
 
 
 class NoteEmbedder:
