@@ -52,9 +52,10 @@ import numpy as np
 
 from core.config import EVAL_POOLS, MODALITIES, TIE_POLICIES
 from core.paths import is_remote, local_only
+from core.related_index import INDEX_KINDS
 
 BASELINES = ("image-features",)
-INDEXES = ("exact", "hnsw", "ivf")
+INDEXES = INDEX_KINDS  # one home: core.related_index
 
 
 class NoteEmbedder:

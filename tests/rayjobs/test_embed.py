@@ -81,6 +81,7 @@ def test_bad_arguments_exit_2_with_one_line(tiny_run, tmp_path, capsys, argv, ne
     assert len(err.splitlines()) == 1 and needle in err
 
 
+@pytest.mark.slow  # shares the kill + resume fixture: two embedding jobs, one in a subprocess
 def test_killed_job_reruns_only_the_missing_shards(killed_and_resumed):
     out, killed, stats = killed_and_resumed
     assert killed["parts"] == 2 and not killed["manifest"]  # two shards on disk, the directory incomplete
@@ -90,6 +91,7 @@ def test_killed_job_reruns_only_the_missing_shards(killed_and_resumed):
     assert after == killed["stat"]  # the finished shards were not rewritten
 
 
+@pytest.mark.slow  # shares the kill + resume fixture: two embedding jobs, one in a subprocess
 def test_index_files_manifest_and_equality_with_the_evaluation_path(killed_and_resumed, tiny_run):
     from core.checkpoint import load_export
     from core.data.pipeline import NotePreprocessor
@@ -117,6 +119,7 @@ def test_index_files_manifest_and_equality_with_the_evaluation_path(killed_and_r
     np.testing.assert_allclose(finalize_embeddings(raw.numpy()[order]), catalog.embeddings, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # shares the kill + resume fixture: two embedding jobs, one in a subprocess
 def test_other_parameters_do_not_mix_with_the_shards_on_disk(killed_and_resumed, tiny_run):
     out, _, _ = killed_and_resumed
     with pytest.raises(ValueError, match="other dim"):  # checked before any embedding work
