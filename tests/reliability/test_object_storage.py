@@ -115,7 +115,8 @@ def test_training_on_s3_resumes_past_checkpoints_cut_off_mid_upload(s3, rel_data
     run_dir = f"{BUCKET}/train/{name}"
     common = ["train.num_workers=1", "train.checkpoint_every=2", "train.keep_checkpoints=4"]
     _train(env, storage, rel_data, name, *common, "train.max_steps=6")
-    saved = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(run_dir)) if i.base_name.startswith("checkpoint_"))
+    saved = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(run_dir))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     assert saved == ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"], saved
     before = _read_json(fs, f"{run_dir}/checkpoint_00000002/state.json")["history"]
     shards = [i for i in fs.get_file_info(pafs.FileSelector(f"{run_dir}/checkpoint_00000006/ds")) if i.path.endswith(".pt")]
