@@ -1,6 +1,7 @@
 """End-to-end CPU tests of the training job: real Ray Train V2 workers, DeepSpeed over gloo,
 the synthetic corpus and tiny random-init models (tests/conftest.py: `smoke_data`, and the
-4-step `resumable_run` per ZeRO stage that the resume and export tests share).
+4-step `resumable_run` per ZeRO stage that the resume tests share); the loss-falls and export
+tests share one 30-step run (`trained_zero2`).
 
 `python -m rayjobs.train` end to end on its own embedded Ray (each worker line printed once) is
 the rerun in tests/reliability/test_faults.py::test_killed_driver_rerun_resumes_from_saved_step."""
@@ -121,11 +122,22 @@ def mean_pair_loss(model, cfg, data_dir, batches=8) -> float:
     return sum(losses) / len(losses)
 
 
-def test_two_workers_zero2_loss_falls(ray_local, tmp_path, smoke_data):
+@pytest.fixture(scope="module")
+def trained_zero2(ray_local, smoke_data, tmp_path_factory):
+    """30 steps on 2 workers under ZeRO-2 at lr 0.01: (config, final metrics). The run whose loss
+    must fall, and whose export the export test reloads in a fresh process."""
+    from rayjobs.train import run_training
+
+    cfg = smoke_cfg(tmp_path_factory.mktemp("zero2"), smoke_data, "zero2", "train.max_steps=30", "train.lr=0.01",
+                    "train.checkpoint_every=0")
+    return cfg, run_training(cfg)
+
+
+def test_two_workers_zero2_loss_falls(smoke_data, trained_zero2):
     from core.checkpoint import load_export
     from core.model.builders import build_model
-    cfg = smoke_cfg(tmp_path, smoke_data, "zero2", "train.max_steps=30", "train.lr=0.01", "train.checkpoint_every=0")
-    final = run_training(cfg)
+
+    cfg, final = trained_zero2
     assert final["steps"] == 30 and len(history(final)) == 30
     untrained, _ = build_model(cfg.model, cfg.loss, seed=cfg.train.seed)  # the run's starting point
     trained, _, _ = load_export(final["export"])
@@ -155,9 +167,9 @@ def test_checkpoint_resume_continues_from_saved_step(ray_local, tmp_path, smoke_
     assert after[:4] == before
 
 
-def test_export_loads_without_ray_and_matches(smoke_data, resumable_run):
+def test_export_loads_without_ray_and_matches(smoke_data, trained_zero2):
     """The export gives the same validation recall in a fresh process with neither Ray nor DeepSpeed."""
-    final = resumable_run("zero2")  # a 4-step run on 2 workers
+    _, final = trained_zero2  # a 2-worker ZeRO-2 run's export
     code = f"""
 import json, sys
 from core.checkpoint import load_export
