@@ -14,7 +14,7 @@ One process, one model, plain torch AdamW (the update DeepSpeed runs on CPU): a 
 backward + optimizer step of `core.step.forward_pair_batch`, with the pixels already decoded, so
 the difference is the encoder alone. Live and cached steps alternate (live, cached, cached, live,
 ...) so drifting machine load hits both alike; the first pair is warm-up and not counted. Prints
-min/median/max of each, the ratio of medians (`cached_over_live_step`), the time to build the
+min/median/max of each, the ratio of medians (`cached_over_live_step`) and of each pair, the time to build the
 cache for the whole corpus (plain batched pass) and `/proc/loadavg` before and after.
 """
 
@@ -89,6 +89,8 @@ def measure(config: str, steps: int, threads: int, data: str, notes: int) -> dic
                                              "image_size": cfg.model.image_size},
             "pairs_per_step": B, "threads": threads, "live_step_s": live_s, "cached_step_s": cached_s,
             "cached_over_live_step": cached_s["median"] / live_s["median"],
+            # each interleaved pair ran under nearly the same load: its ratio is steadier on a busy machine
+            "paired_ratio": _spread([c / v for c, v in zip(times["cached"], times["live"])]),
             "cache_build_s": build_s, "cache_notes": int(cache.manifest["num_notes"]),
             "loadavg_before": load_before, "loadavg_after": _loadavg(), "cores": os.cpu_count()}
 
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("live", "cached"):
         s = result[f"{kind}_step_s"]
         print(f"{kind:>6} step: min {s['min']:.3f} s  median {s['median']:.3f} s  max {s['max']:.3f} s  (n={s['n']})")
+    r = result["paired_ratio"]
+    print(f"cached/live of each interleaved pair: min {r['min']:.3f} median {r['median']:.3f} max {r['max']:.3f}")
     print(f"cached_over_live_step {result['cached_over_live_step']:.3f}; cache build {result['cache_build_s']:.1f} s "
           f"for {result['cache_notes']} notes; loadavg before [{result['loadavg_before']}] after "
           f"[{result['loadavg_after']}] on {result['cores']} cores")
