@@ -72,8 +72,12 @@ def encode_choice(value: Any) -> Any:
 def overrides_from_params(params: dict[str, Any]) -> list[str]:
     """`{"loss.alpha": 3}` -> `["loss.alpha=3"]`, the `--set` form `core.config` applies (a sampled
     "list:[8, 16]" is the list it encodes)."""
-    return [f"{key}={value[len(LIST_CHOICE):] if isinstance(value, str) and value.startswith(LIST_CHOICE) else _yaml_value(value)}"
-            for key, value in params.items()]
+    def text(value: Any) -> str:
+        if isinstance(value, str) and value.startswith(LIST_CHOICE):
+            return value[len(LIST_CHOICE):]
+        return _yaml_value(value)
+
+    return [f"{key}={text(value)}" for key, value in params.items()]
 
 
 @dataclass

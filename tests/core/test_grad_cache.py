@@ -15,14 +15,14 @@ from tests.conftest import tiny_model_dict
 
 @pytest.fixture(scope="module")
 def pair_batch(tmp_path_factory):
-    """7 real pairs (an odd count: the last chunk is short); pair 1's target is pair 0's query,
+    """5 real pairs (an odd count: the last chunk is short); pair 1's target is pair 0's query,
     so duplicate masking has something to mask."""
     from core.data.pipeline import iter_pair_batches_local
     from rayjobs.prepare_data import prepare
 
     data = tmp_path_factory.mktemp("gc") / "synthetic"
     prepare("synthetic", str(data), num_notes=40, seed=0)
-    batch = next(iter(iter_pair_batches_local(str(data), "train", RunConfig(model=ModelConfig(**tiny_model_dict())), 7)))
+    batch = next(iter(iter_pair_batches_local(str(data), "train", RunConfig(model=ModelConfig(**tiny_model_dict())), 5)))
     for key in [k for k in batch if k.startswith("t_")]:
         batch[key][1] = batch["q_" + key[2:]][0]
     assert batch["t_note_id"][1] == batch["q_note_id"][0]
