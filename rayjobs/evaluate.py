@@ -63,7 +63,7 @@ class NoteEmbedder:
 
     The model is loaded once per actor in the constructor, from an export (`checkpoint`) or built
     untrained from a run-config dict (`untrained`); batches go through the same
-    `core.evaluation.embed_batch` the in-process validation uses.
+    `core.embedding.embed_batch` the in-process validation uses.
     """
 
     def __init__(self, checkpoint: str | None = None, untrained: dict | None = None, kind: str = "multimodal",
@@ -71,7 +71,7 @@ class NoteEmbedder:
         import torch
 
         from core.data.features import feature_cache_for
-        from core.evaluation import blank_text_prompt
+        from core.embedding import blank_text_prompt
 
         if threads:
             torch.set_num_threads(threads)
@@ -87,7 +87,7 @@ class NoteEmbedder:
         self.features = feature_cache_for(vision, run_cfg, data_dir) if data_dir is not None else None
 
     def __call__(self, batch: dict) -> dict:
-        from core.evaluation import apply_modality, embed_batch
+        from core.embedding import apply_modality, embed_batch
 
         if self.features is not None:
             batch = self.features.attach(batch)
@@ -297,16 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     from core.config import ConfigError
     import torch
 
-    from core.evaluation import (
-        build_protocol,
-        check_modality,
-        evaluate_dims,
-        evaluate_embeddings,
-        markdown_table,
-        prefix_embeddings,
-        read_notes,
-        read_pairs,
-    )
+    from core.evaluation import build_protocol, check_modality, evaluate_dims, evaluate_embeddings, markdown_table, read_notes, read_pairs
+    from core.embedding import prefix_embeddings
 
     try:
         run_cfg = run_config_of(args.checkpoint, args.untrained)

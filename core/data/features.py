@@ -15,7 +15,7 @@ stored beside the prepared data:
         cls.npy           float32 [N, h_v]     the pooled (CLS) feature
         has_image.npy     bool [N]             False: no usable image (blank + has_image False)
         blank_patches.npy float32 [L_p, h_v]   the blank (all-zero) image: image-less notes and
-        blank_cls.npy     float32 [h_v]        the text ablation (`core.evaluation.apply_modality`)
+        blank_cls.npy     float32 [h_v]        the text ablation (`core.embedding.apply_modality`)
         manifest.json     key, its parts, shapes and every file's size + BLAKE2b digest (written last)
 
 `<key>` hashes the encoder (class, every weight, normalisation, image size), the image
