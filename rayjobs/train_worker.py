@@ -37,6 +37,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -245,34 +246,129 @@ def _guarded_backward(engine, loss, backward, device, before_backward, step: int
     return f"non-finite gradient behind a finite loss {loss.item():.4f}"
 
 
-def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iterable] | None = None) -> None:
-    """Train one NoteLLM-2 run.
+@dataclass
+class TrainState:
+    """The training loop's position and record: what a checkpoint's `state.json` holds besides
+    the weights (`to_json`), read back on resume (`resume_state`) and by the leaderboard."""
 
-    `config["run"]` is a `RunConfig` dict. `config["before_backward"]` (optional) is called as
-    `before_backward(module, step, rank)` before each backward pass, `step` being the step about
-    to be taken; fault-injection tests register gradient hooks with it. It must be importable on
-    the workers (Ray pickles a module-level function by reference).
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    """Epochs finished."""
+    batches_in_epoch: int = 0
+    """Batches of the current epoch consumed (skipped ones included)."""
+    history: list = field(default_factory=list)
+    """Per-step {step, loss}."""
+    skipped_nonfinite: int = 0
+    """Steps skipped for a non-finite loss or gradient (this attempt)."""
+    resumes: list = field(default_factory=list)
+    """{step, checkpoint} of every resume so far."""
 
-    `wrap_batches`, when given, wraps each epoch's batch iterator of the Ray Data shard (the
-    benchmark times batch arrivals with it); it must yield the same batches.
-    """
-    import deepspeed
+    def to_json(self, engine, cfg: RunConfig, world: int) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "world_size": world,
+                "history": self.history[-2000:], "skipped_nonfinite": self.skipped_nonfinite, "resumes": self.resumes,
+                "trainable_checksum": _trainable_checksum(engine), "trained_config": _trained_config(cfg)}
+
+
+def resume_state(engine, cfg: RunConfig, rank: int, world: int, device) -> tuple[TrainState, str]:
+    """The run's state after loading the newest complete checkpoint (a fresh one if none), and the
+    suffix for later checkpoint names (`pick_resume_dir`)."""
     import ray.train
+
+    t = cfg.train
+    checkpoint = ray.train.get_checkpoint()
+    fs, storage_root = storage_fs(t.storage_path)
+    chosen, ckpt_suffix = pick_resume_dir(checkpoint.path if checkpoint is not None else None,
+                                          f"{storage_root.rstrip('/')}/{t.name}", rank,
+                                          lambda flag: _all_true(flag, device), fs)
+    if chosen is not None:
+        checkpoint = ray.train.Checkpoint(path=str(chosen), filesystem=fs)
+    if checkpoint is None:
+        return TrainState(), ckpt_suffix
+    name = Path(str(checkpoint.path)).name
+    with checkpoint.as_directory() as ckpt_dir:
+        problem = checkpoint_problem(ckpt_dir)
+        if problem:
+            raise RuntimeError(f"checkpoint {ckpt_dir} is incomplete: {problem}")
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+        changed = _config_change(state.get("trained_config"), _trained_config(cfg))
+        if changed:
+            raise RuntimeError(
+                f"checkpoint {name} was trained with {changed}: resuming continues "
+                f"the same model only; use a new train.name or delete {Path(t.storage_path) / t.name}")
+        if state.get("world_size") != world:
+            raise RuntimeError(
+                f"checkpoint was written by {state.get('world_size')} workers but this run has {world}; "
+                "ZeRO checkpoints only load at the same world size (set train.num_workers to match)")
+        _load_weights_only(engine)
+        engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_module_strict=False)
+    expected, restored = state.get("trainable_checksum"), _trainable_checksum(engine)
+    if expected is not None and restored is not None and not math.isclose(expected, restored, rel_tol=1e-9, abs_tol=1e-6):
+        raise RuntimeError(f"checkpoint restore mismatch: trainable weights sum {restored} != saved {expected}")
+    resumed = TrainState(step=state["step"], epoch=state["epoch"], batches_in_epoch=state["batches_in_epoch"],
+                         history=state.get("history", []),
+                         resumes=[*state.get("resumes", []), {"step": state["step"], "checkpoint": name}])
+    if rank == 0:
+        print(f"[train] resumed from step {resumed.step} (epoch {resumed.epoch}, batch {resumed.batches_in_epoch}) "
+              f"of {name}", flush=True)
+    return resumed, ckpt_suffix
+
+
+def _report(engine, state: TrainState, metrics: dict, cfg: RunConfig, world: int, rank: int, tokenizer,
+            ckpt_suffix: str, save: bool, final: bool = False) -> None:
+    """`ray.train.report` of rank 0's metrics, with a checkpoint of the weights and `state` when `save`."""
+    import ray.train
+
+    t = cfg.train
+    if not save:
+        ray.train.report(metrics)
+        return
+    saved = state.to_json(engine, cfg, world)
+    if saved["trainable_checksum"] is not None and not math.isfinite(saved["trainable_checksum"]):
+        raise FloatingPointError(f"step {state.step}: the trainable weights are not finite; no checkpoint written")
+    name = f"checkpoint_{state.step:08d}{ckpt_suffix}"
+    tmp = _save_checkpoint(engine, saved, cfg, rank, final, tokenizer)
+    if t.num_workers == 0:  # local mode: Ray keeps the dir where it is, so put it in the run dir
+        tmp = _keep_local_checkpoint(tmp, cfg, name)
+    try:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    finally:
+        if t.num_workers > 0:  # local mode keeps the checkpoint where it was written
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _PreemptionWatch:
+    """True once per run when Ray reports an imminent preemption (a collective: all ranks call it)."""
+
+    def __init__(self, local_mode: bool):
+        self.saved, self.local_mode = False, local_mode
+
+    def pending(self) -> bool:
+        import ray.train
+
+        if self.saved or self.local_mode:
+            return False
+        self.saved = ray.train.get_preemption_info() is not None
+        return self.saved
+
+
+def _log_scalars(writer, prefix: str, values: dict, step: int) -> None:
+    if writer is not None:
+        for k, v in values.items():
+            if k not in ("step", "epoch") and isinstance(v, float) and math.isfinite(v):
+                writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def _build_engine(cfg: RunConfig, rank: int, world: int, device):
+    """Model, DeepSpeed engine and frozen-feature cache of one worker: (engine, tokenizer, features, total_steps)."""
+    import deepspeed
 
     from core.data.features import feature_cache_for
     from core.deepspeed_config import load_deepspeed_config, use_this_interpreters_build_tools
     from core.model.builders import build_model, count_parameters
-    from core.step import start_pair_step
 
-    cfg = RunConfig.from_dict(config["run"], "train_loop_config")
-    before_backward = config.get("before_backward")
     t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = _device(t.use_gpu)
-    _init_process_group_if_local(t.use_gpu)
     torch.manual_seed(t.seed)  # identical init on every rank; DeepSpeed also broadcasts rank 0's
-
     model, tokenizer = build_model(cfg.model, cfg.loss, seed=t.seed)
     model.to(device)
     # Before deepspeed.initialize: under ZeRO-3 the encoder's weights are whole only until then.
@@ -295,148 +391,107 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
         counts = count_parameters(model)
         print(f"[train] {cfg.train.name}: {world} worker(s), {t.deepspeed}, trainable {counts['trainable']:,} / "
               f"{counts['total']:,} params, {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
+    return engine, tokenizer, features, total_steps
 
-    step, start_epoch, skip_batches, history, resumes = 0, 0, 0, [], []
-    ckpt_suffix = ""
-    checkpoint = ray.train.get_checkpoint()
-    fs, storage_root = storage_fs(t.storage_path)
-    chosen, ckpt_suffix = pick_resume_dir(checkpoint.path if checkpoint is not None else None,
-                                          f"{storage_root.rstrip('/')}/{t.name}", rank,
-                                          lambda flag: _all_true(flag, device), fs)
-    if chosen is not None:
-        checkpoint = ray.train.Checkpoint(path=str(chosen), filesystem=fs)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            problem = checkpoint_problem(ckpt_dir)
-            if problem:
-                raise RuntimeError(f"checkpoint {ckpt_dir} is incomplete: {problem}")
-            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-            changed = _config_change(state.get("trained_config"), _trained_config(cfg))
-            if changed:
-                raise RuntimeError(
-                    f"checkpoint {Path(str(checkpoint.path)).name} was trained with {changed}: resuming continues "
-                    f"the same model only; use a new train.name or delete {Path(t.storage_path) / t.name}")
-            if state.get("world_size") != world:
-                raise RuntimeError(
-                    f"checkpoint was written by {state.get('world_size')} workers but this run has {world}; "
-                    "ZeRO checkpoints only load at the same world size (set train.num_workers to match)")
-            _load_weights_only(engine)
-            engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_module_strict=False)
-        expected, restored = state.get("trainable_checksum"), _trainable_checksum(engine)
-        if expected is not None and restored is not None and not math.isclose(expected, restored, rel_tol=1e-9, abs_tol=1e-6):
-            raise RuntimeError(f"checkpoint restore mismatch: trainable weights sum {restored} != saved {expected}")
-        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
-        history = state.get("history", [])
-        resumes = [*state.get("resumes", []), {"step": step, "checkpoint": Path(str(checkpoint.path)).name}]
-        if rank == 0:
-            print(f"[train] resumed from step {step} (epoch {start_epoch}, batch {skip_batches}) "
-                  f"of {Path(str(checkpoint.path)).name}", flush=True)
+
+def _step_row(engine, metrics: dict, state: TrainState, world: int, t0: float) -> tuple[dict, int]:
+    """One taken step's logged metrics (loss, lr, grad norm, throughput) and its note count."""
+    notes = int(metrics.pop("notes").item()) * world
+    row = {k: float(v) for k, v in metrics.items()}
+    grad_norm = engine.get_global_grad_norm()
+    row.update(step=state.step, epoch=state.epoch, lr=float(engine.get_lr()[0]),
+               grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+               notes_per_s=notes / max(time.time() - t0, 1e-9))
+    return row, notes
+
+
+def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iterable] | None = None) -> None:
+    """Train one NoteLLM-2 run.
+
+    `config["run"]` is a `RunConfig` dict. `config["before_backward"]` (optional) is called as
+    `before_backward(module, step, rank)` before each backward pass, `step` being the step about
+    to be taken; fault-injection tests register gradient hooks with it. It must be importable on
+    the workers (Ray pickles a module-level function by reference).
+
+    `wrap_batches`, when given, wraps each epoch's batch iterator of the Ray Data shard (the
+    benchmark times batch arrivals with it); it must yield the same batches.
+    """
+    import ray.train
+
+    from core.step import start_pair_step
+
+    cfg = RunConfig.from_dict(config["run"], "train_loop_config")
+    before_backward = config.get("before_backward")
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(t.use_gpu)
+    _init_process_group_if_local(t.use_gpu)
+    engine, tokenizer, features, total_steps = _build_engine(cfg, rank, world, device)
+    state, ckpt_suffix = resume_state(engine, cfg, rank, world, device)
+    start_epoch, skip_batches, first_step = state.epoch, state.batches_in_epoch, state.step
+
+    def report(metrics: dict, save: bool, final: bool = False) -> None:
+        _report(engine, state, metrics, cfg, world, rank, tokenizer, ckpt_suffix, save, final)
 
     writer = None
-    run_dir = Path(t.storage_path) / t.name
     if rank == 0 and not is_remote(t.storage_path):
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-
+        writer = SummaryWriter(str(Path(t.storage_path) / t.name / "tensorboard"))
     shard = ray.train.get_dataset_shard("train")
-    skipped_nonfinite = 0
-    t_start, notes_seen = time.time(), 0
-    epoch = start_epoch
-    last_metrics: dict = {}
-
-    def report(metrics: dict, save: bool, final: bool = False) -> None:
-        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "world_size": world,
-                 "history": history[-2000:], "skipped_nonfinite": skipped_nonfinite, "resumes": resumes,
-                 "trainable_checksum": _trainable_checksum(engine), "trained_config": _trained_config(cfg)}
-        if save:
-            if state["trainable_checksum"] is not None and not math.isfinite(state["trainable_checksum"]):
-                raise FloatingPointError(f"step {step}: the trainable weights are not finite; no checkpoint written")
-            tmp = _save_checkpoint(engine, state, cfg, rank, final, tokenizer)
-            if t.num_workers == 0:  # local mode: Ray keeps the dir where it is, so put it in the run dir
-                tmp = _keep_local_checkpoint(tmp, cfg, f"checkpoint_{step:08d}{ckpt_suffix}")
-            try:
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{step:08d}{ckpt_suffix}")
-            finally:
-                if t.num_workers > 0:  # local mode keeps the checkpoint where it was written
-                    shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            ray.train.report(metrics)
-
-    jit_saved = False
-
-    def preemption_pending() -> bool:
-        """True once per run when Ray reports an imminent preemption (a collective: all ranks call it)."""
-        nonlocal jit_saved
-        if jit_saved or t.num_workers == 0:
-            return False
-        jit_saved = ray.train.get_preemption_info() is not None
-        return jit_saved
-
-    def log_scalars(prefix: str, values: dict) -> None:
-        if writer is not None:
-            for k, v in values.items():
-                if k not in ("step", "epoch") and isinstance(v, float) and math.isfinite(v):
-                    writer.add_scalar(f"{prefix}/{k}", v, step)
-
-    first_step = step
-    batches_in_epoch = skip_batches
-    while epoch < t.epochs and step < total_steps:
-        batches_in_epoch = 0
+    preemption = _PreemptionWatch(local_mode=t.num_workers == 0)
+    t_start, notes_seen, last_metrics = time.time(), 0, {}
+    while state.epoch < t.epochs and state.step < total_steps:
+        state.batches_in_epoch = 0
         for batch in (wrap_batches or iter)(shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True)):
-            batches_in_epoch += 1
-            if epoch == start_epoch and batches_in_epoch <= skip_batches:
+            state.batches_in_epoch += 1
+            if state.epoch == start_epoch and state.batches_in_epoch <= skip_batches:
                 continue  # consumed before the interruption
             t0 = time.time()
             loss, metrics, backward = start_pair_step(engine, batch, cfg.loss, device, features)
-            nonfinite = _guarded_backward(engine, loss, backward, device, before_backward, step + 1, rank)
+            nonfinite = _guarded_backward(engine, loss, backward, device, before_backward, state.step + 1, rank)
             if nonfinite:
-                skipped_nonfinite += 1
-                msg = f"[train] step {step + 1}: {nonfinite} ({skipped_nonfinite} skipped)"
+                state.skipped_nonfinite += 1
+                msg = f"[train] step {state.step + 1}: {nonfinite} ({state.skipped_nonfinite} skipped)"
                 if t.nan_policy == "stop":
                     raise FloatingPointError(msg + "; nan_policy=stop")
                 if rank == 0:
                     print(msg + "; step skipped (nan_policy=skip)", flush=True)
                 continue  # nothing reached the weights, so nothing reaches a checkpoint
             engine.step()
-            step += 1
-            notes = int(metrics.pop("notes").item()) * world
+            state.step += 1
+            row, notes = _step_row(engine, metrics, state, world, t0)
             notes_seen += notes
-            row = {k: float(v) for k, v in metrics.items()}
-            grad_norm = engine.get_global_grad_norm()
-            row.update(step=step, epoch=epoch, lr=float(engine.get_lr()[0]),
-                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                       notes_per_s=notes / max(time.time() - t0, 1e-9))
-            history.append({"step": step, "loss": row["loss"]})
+            state.history.append({"step": state.step, "loss": row["loss"]})
             last_metrics = row
-            log_scalars("train", row)
-            if rank == 0 and (step % t.log_every == 0 or step == total_steps):
+            _log_scalars(writer, "train", row, state.step)
+            if rank == 0 and (state.step % t.log_every == 0 or state.step == total_steps):
                 elapsed = time.time() - t_start
-                eta = (total_steps - step) * elapsed / max(step - first_step, 1)
-                print(f"[train] step {step}/{total_steps} loss {row['loss']:.4f} temp {row['temperature']:.4f} "
+                eta = (total_steps - state.step) * elapsed / max(state.step - first_step, 1)
+                print(f"[train] step {state.step}/{total_steps} loss {row['loss']:.4f} temp {row['temperature']:.4f} "
                       f"lr {row['lr']:.2e} {notes_seen / max(elapsed, 1e-9):.1f} notes/s ETA {eta:.0f}s", flush=True)
-            if step >= total_steps:
+            if state.step >= total_steps:
                 break
-            if t.checkpoint_every and step % t.checkpoint_every == 0:
+            if t.checkpoint_every and state.step % t.checkpoint_every == 0:
                 report(row, save=True)
-            elif preemption_pending():
+            elif preemption.pending():
                 # A node of this run is draining (spot reclaim): save now, keep training until it goes.
                 if rank == 0:
-                    print(f"[train] node preemption notice at step {step}: just-in-time checkpoint", flush=True)
+                    print(f"[train] node preemption notice at step {state.step}: just-in-time checkpoint", flush=True)
                 report(row, save=True)
-        if step >= total_steps:
+        if state.step >= total_steps:
             break  # the final validation and checkpoint follow
-        epoch += 1
-        batches_in_epoch = 0
+        state.epoch += 1
+        state.batches_in_epoch = 0
         if cfg.eval.every_epoch:
             val = _validate(engine, cfg, device, features, rank, world)
-            log_scalars("val", val)
-            report({**last_metrics, **val, "step": step, "epoch": epoch}, save=True)
+            _log_scalars(writer, "val", val, state.step)
+            report({**last_metrics, **val, "step": state.step, "epoch": state.epoch}, save=True)
     val = _validate(engine, cfg, device, features, rank, world)
-    log_scalars("val", val)
+    _log_scalars(writer, "val", val, state.step)
     if writer is not None:
         writer.close()
-    final = {**last_metrics, **val, "step": step, "steps": step, "skipped_nonfinite": skipped_nonfinite,
+    final = {**last_metrics, **val, "step": state.step, "steps": state.step, "skipped_nonfinite": state.skipped_nonfinite,
              "train_seconds": time.time() - t_start, "done": 1}
     report(final, save=True, final=True)
