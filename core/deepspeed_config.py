@@ -29,7 +29,7 @@ import copy
 import json
 from pathlib import Path
 
-from core.config import ConfigError, DTYPES
+from core.config import DTYPES, ConfigError
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
 """Where the named ZeRO configs live (cluster/deepspeed/ at the repository root)."""

@@ -294,11 +294,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rayjobs.evaluate: error: {problem}", file=sys.stderr)
         return 2
 
-    from core.config import ConfigError
     import torch
 
-    from core.evaluation import build_protocol, check_modality, evaluate_dims, evaluate_embeddings, markdown_table, read_notes, read_pairs
+    from core.config import ConfigError
     from core.embedding import prefix_embeddings
+    from core.evaluation import (
+        build_protocol,
+        check_modality,
+        evaluate_dims,
+        evaluate_embeddings,
+        markdown_table,
+        read_notes,
+        read_pairs,
+    )
 
     try:
         run_cfg = run_config_of(args.checkpoint, args.untrained)

@@ -34,11 +34,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from core.data.corpora import CORPORA
 from core.paths import local_only
+
+if TYPE_CHECKING:  # annotations only: the adapters are imported lazily by core.data.corpora
+    from core.data.corpora import Corpus
 
 DEFAULTS = dict(num_notes=None, seed=0, short_fraction=0.3, lower=0.0, upper=float("inf"), top_t=10,
                 test_fraction=0.2, val_fraction=0.1, short_text_chars=20, input=None, image_root=None, embed_images=True)

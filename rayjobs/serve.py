@@ -43,7 +43,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from ray import serve
 
-from core.related_index import IndexDirError, Manifest, MANIFEST_FILE, export_hash, finalize_embeddings, load_index_dir, search
+from core.related_index import MANIFEST_FILE, IndexDirError, Manifest, export_hash, finalize_embeddings, load_index_dir, search
 
 DEFAULT_MAX_K = 100
 DEFAULT_MAX_IMAGE_BYTES = 4 << 20

@@ -46,7 +46,8 @@ from core.config import RunConfig
 from core.metrics import flatten_recall, flatten_recall_ci
 from core.paths import is_remote, storage_fs
 from rayjobs.resume import CKPT_TAG, STATE_FILE, checkpoint_problem, ckpt_order, pick_resume_dir
-from rayjobs.step_guard import all_ranks_true as _all_true, discard_step, grads_finite
+from rayjobs.step_guard import all_ranks_true as _all_true
+from rayjobs.step_guard import discard_step, grads_finite
 
 log = logging.getLogger("notellm2.train")
 

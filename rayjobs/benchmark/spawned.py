@@ -13,8 +13,8 @@ import torch
 
 from core.config import RunConfig
 from core.data.pipeline import NotePreprocessor
-from core.evaluation import read_notes
 from core.embedding import embed_batch
+from core.evaluation import read_notes
 from core.metrics import target_ranks
 from core.model.builders import build_model
 

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from core.checkpoint import (
-    SPECIAL_IDS_KEY, SPECIAL_ROWS_KEY, WEIGHTS_FILE, load_export, save_export, trainable_state_dict,
+    SPECIAL_IDS_KEY,
+    SPECIAL_ROWS_KEY,
+    WEIGHTS_FILE,
+    load_export,
+    save_export,
+    trainable_state_dict,
 )
 from core.config import RunConfig
 from core.model.builders import build_model

@@ -158,7 +158,7 @@ def test_paired_interval_sees_a_small_consistent_gain():
     a[np.flatnonzero(b == 0)[:10]] = 1.0
     lo, hi = paired_recall_ci(a, b)
     assert 0.0 < lo <= 0.05 <= hi
-    (alo, ahi), (blo, bhi) = recall_ci(a), recall_ci(b)
+    (alo, _), (_, bhi) = recall_ci(a), recall_ci(b)
     assert alo < bhi  # unpaired intervals overlap
     with pytest.raises(ValueError, match="align"):
         paired_recall_ci(a, b[:-1])

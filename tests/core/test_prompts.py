@@ -7,8 +7,15 @@ import pytest
 from core.config import ModelConfig
 from core.model.builders import build_tokenizer
 from core.prompts import (
-    IMG_EMB_TOKEN, IMG_TOKEN, NoteText, bos_prefix, build_prompt, clean_note_text, prompt_length_bound,
-    prompt_segments, tokenize_notes,
+    IMG_EMB_TOKEN,
+    IMG_TOKEN,
+    NoteText,
+    bos_prefix,
+    build_prompt,
+    clean_note_text,
+    prompt_length_bound,
+    prompt_segments,
+    tokenize_notes,
 )
 from tests.conftest import has_assets, tiny_model_dict
 

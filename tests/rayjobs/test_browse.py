@@ -17,8 +17,8 @@ from tests.browser import dump_dom, requires_chromium, screenshot
 def index(tmp_path_factory):
     """A tiny model's exact index of the synthetic corpus, embedded in-process (the Ray job is test_embed's)."""
     from core.data.pipeline import NotePreprocessor
-    from core.evaluation import preprocess_notes_local, read_notes
     from core.embedding import embed_notes_local
+    from core.evaluation import preprocess_notes_local, read_notes
     from tests.core.test_evaluation import tiny_eval_setup
 
     run = tiny_eval_setup(tmp_path_factory.mktemp("browse"), num_notes=40)

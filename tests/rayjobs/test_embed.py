@@ -16,7 +16,6 @@ import pytest
 
 from core.related_index import (
     EMBEDDINGS_FILE,
-    INDEX_FILE,
     MANIFEST_FILE,
     export_hash,
     finalize_embeddings,
@@ -95,8 +94,8 @@ def test_killed_job_reruns_only_the_missing_shards(killed_and_resumed):
 def test_index_files_manifest_and_equality_with_the_evaluation_path(killed_and_resumed, tiny_run):
     from core.checkpoint import load_export
     from core.data.pipeline import NotePreprocessor
-    from core.evaluation import preprocess_notes_local, read_notes
     from core.embedding import embed_notes_local
+    from core.evaluation import preprocess_notes_local, read_notes
 
     out, _, _ = killed_and_resumed
     table = pq.read_table(out / EMBEDDINGS_FILE)

@@ -54,8 +54,8 @@ def test_cli_process_exit_code(tmp_path):
 def test_two_actors_equal_single_process_loop(ray_local, tiny_run):
     from core.checkpoint import load_export
     from core.data.pipeline import NotePreprocessor
-    from core.evaluation import build_protocol, preprocess_notes_local, read_notes, read_pairs
     from core.embedding import embed_notes_local
+    from core.evaluation import build_protocol, preprocess_notes_local, read_notes, read_pairs
 
     protocol = build_protocol(read_pairs(tiny_run.data_dir, "test"), pool="targets")
     needed = protocol.needed_ids()

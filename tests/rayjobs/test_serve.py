@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from core.related_index import EMBEDDINGS_FILE, read_embeddings
-from rayjobs import embed, serve as serve_job
+from rayjobs import embed
+from rayjobs import serve as serve_job
 
 # One Ray Data embedding job plus one Serve start for the module: about a minute on 2 idle cores
 # (400 s measured with the machine's 1-min load at 90-125).

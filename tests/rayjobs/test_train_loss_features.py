@@ -55,8 +55,8 @@ def test_matryoshka_run_reports_evaluates_and_ranks_every_width(ray_local, tmp_p
 
     from core.checkpoint import load_export
     from core.data.pipeline import NotePreprocessor
-    from core.evaluation import preprocess_notes_local, read_notes, validation_recall
     from core.embedding import embed_batch
+    from core.evaluation import preprocess_notes_local, read_notes, validation_recall
     from rayjobs import evaluate
     from rayjobs.leaderboard import write_leaderboard
 

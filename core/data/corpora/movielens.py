@@ -14,6 +14,7 @@ Files are RecBole atomic files: tab-separated, with typed headers (`item_id:toke
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from core.data.schema import EVENT_SCHEMA, NOTE_SCHEMA, DataError
+
+if TYPE_CHECKING:  # annotations only: the adapters are imported lazily by core.data.corpora
+    from core.data.corpora import Corpus
 
 
 def build_movielens(input: str | None = None, num_notes: int | None = None, seed: int = 0) -> "Corpus":

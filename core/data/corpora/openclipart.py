@@ -24,12 +24,16 @@ import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from core.data.corpora.synthetic import short_note, simulate_clicks, subsample
 from core.data.schema import NOTE_SCHEMA
+
+if TYPE_CHECKING:  # annotations only: the adapters are imported lazily by core.data.corpora
+    from core.data.corpora import Corpus
 
 DROPPED_FOLDERS = ("patterns", "gradients")
 """Folder names whose items are fills, not pictures."""

@@ -24,12 +24,16 @@ ordered by (request_timestamp, request_idx, position); consecutive clicks form
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.data.schema import EVENT_SCHEMA, DataError, cast_column, read_table
+
+if TYPE_CHECKING:  # annotations only: the adapters are imported lazily by core.data.corpora
+    from core.data.corpora import Corpus
 
 NOTE_COLUMNS = ["note_idx", "note_title", "note_content", "note_type", "taxonomy1_id", "taxonomy2_id", "image_path"]
 REC_COLUMNS = ["request_idx", "session_idx", "user_idx", "request_timestamp", "rec_result_details_with_idx"]

@@ -21,11 +21,15 @@ Generator (all from one `numpy.random.default_rng(seed)`):
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from core.data.schema import EVENT_SCHEMA, NOTE_SCHEMA
+
+if TYPE_CHECKING:  # annotations only: the adapters are imported lazily by core.data.corpora
+    from core.data.corpora import Corpus
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "bar", "ring", "star")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "orange": (240, 150, 30),

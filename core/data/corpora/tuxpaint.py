@@ -24,12 +24,16 @@ category interests; a click stays in the viewed note's category with probability
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from core.data.corpora.synthetic import short_note, simulate_clicks, subsample
 from core.data.schema import NOTE_SCHEMA
+
+if TYPE_CHECKING:  # annotations only: the adapters are imported lazily by core.data.corpora
+    from core.data.corpora import Corpus
 
 
 def build_tuxpaint(input: str | None = None, num_notes: int | None = None, seed: int = 0, short_fraction: float = 0.3,

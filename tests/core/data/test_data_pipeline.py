@@ -122,9 +122,9 @@ def test_broadcast_and_shuffle_joins_give_the_same_pairs(ray_local, prepared):
 
 
 def test_broadcast_join_drops_and_counts_pairs_with_unknown_notes(prepared, caplog):
-    import pyarrow as pa
-
     import dataclasses
+
+    import pyarrow as pa
 
     from core.data.pipeline import PairPreprocessor, _note_columns
 
