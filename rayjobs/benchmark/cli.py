@@ -11,7 +11,7 @@ from pathlib import Path
 import rayjobs.benchmark
 from rayjobs.benchmark import embed, gpu_mfu, input_pipeline, mining, recall, train
 from rayjobs.benchmark.harness import SIZES, Context, log, machine_info, quiet_ray_data
-from rayjobs.benchmark.report import format_value, render_markdown
+from rayjobs.benchmark.report import format_value, keep_foreign_sections, render_markdown
 
 SUITE_FUNCS = {"train": train.run, "input": input_pipeline.run, "embed": embed.run, "recall": recall.run,
                "mining": mining.run, "gpu_mfu": gpu_mfu.run}
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     md = render_markdown(report)
     (out / "benchmarks.md").write_text(md)
     if args.write_md:
-        Path(args.write_md).write_text(md)
+        target = Path(args.write_md)
+        target.write_text(keep_foreign_sections(md, target.read_text() if target.exists() else None))
     log(f"wrote {out / 'benchmarks.json'} and {out / 'benchmarks.md'}" + (f" and {args.write_md}" if args.write_md else ""))
     return 0

@@ -44,6 +44,18 @@ def _suite_tables(res: dict) -> list[str]:
     return lines + ["", f"Config: `{json.dumps(res.get('config', {}), default=str)}`", ""]
 
 
+KEPT_MARKER = "<!-- sections below are not rayjobs.benchmark's: --write-md keeps them -->"
+"""In BENCHMARKS.md, what follows this line comes from other commands (e.g. `rayjobs.loadtest`)."""
+
+
+def keep_foreign_sections(md: str, existing: str | None) -> str:
+    """`md` plus the part of the file being replaced from `KEPT_MARKER` on, so rewriting the
+    benchmark's sections never drops another command's measurements."""
+    if not existing or KEPT_MARKER not in existing:
+        return md
+    return md.rstrip("\n") + "\n\n" + existing[existing.index(KEPT_MARKER):]
+
+
 def render_markdown(report: dict, parts: dict[str, str] | None = None) -> str:
     """The whole report (BENCHMARKS.md) of a `benchmarks.json` dict."""
     parts = load_parts() if parts is None else parts

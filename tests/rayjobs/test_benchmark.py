@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,16 @@ def test_report_renders_tables_between_template_parts():
             'Config: `{"k": 1}`\n\n' + parts["train"] + "\n\n## gpu_mfu\n\nSkipped: no GPU\n\n" + parts["gpu_mfu"]) in md
     assert "{" not in parts["header"].format(**{k: "" for k in ("size", "date", "cpu", "cores", "ram_gb", "gpu", "torch", "ray",
                                                                   "python", "load_avg_start", "load_avg_end")}, total_seconds=0)
+
+
+def test_write_md_keeps_other_commands_sections():
+    """BENCHMARKS.md's sections after the marker (the load test's) survive a rewrite of the rest."""
+    old = "# Benchmarks\n\nold tables\n\n" + report.KEPT_MARKER + "\n\n## Use the model\n\nrows\n"
+    new = report.keep_foreign_sections("# Benchmarks\n\nnew tables\n", old)
+    assert new == "# Benchmarks\n\nnew tables\n\n" + report.KEPT_MARKER + "\n\n## Use the model\n\nrows\n"
+    assert report.keep_foreign_sections("# B\n", "no marker here") == "# B\n"
+    assert report.keep_foreign_sections("# B\n", None) == "# B\n"
+    assert report.KEPT_MARKER in (Path(__file__).resolve().parents[2] / "BENCHMARKS.md").read_text()
 
 
 def test_steady_state_excludes_warmup_and_counts_waits():
