@@ -225,6 +225,31 @@ def comparisons(evaluated: list, k: int) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", out
 
 
+def write_report(out: Path, evaluated: list, run_dirs: dict, probe: RunConfig, quick: bool) -> dict:
+    """ablation.md / ablation.json (test-split tables with intervals and paired differences) and
+    the leaderboard of everything under `out`; prints the tables; returns `write_leaderboard`'s dict."""
+    ks = probe.eval.ks
+    table = ablation_markdown(evaluated, ks)
+    k = parse_metric_key(probe.eval.metric)[1]
+    diff_table, diffs = comparisons(evaluated, k)
+    first = evaluated[0][2]["both"][0] if evaluated and "both" in evaluated[0][2] else {}
+    header = (f"Ablation on the {probe.data.corpus} demo corpus ({'quick' if quick else 'full'} demo). Every run was chosen "
+              f"on the validation split; these are test-split numbers, read once. Recall in % with 95 % bootstrap "
+              f"intervals over queries; {first.get('num_queries', '?')} test queries, {first.get('pool', '?')} pool of "
+              f"{first.get('pool_size', '?')} notes, {first.get('ties', '?')} ties; one seed per variant.")
+    (out / "ablation.md").write_text(f"{header}\n\n{table}\nPaired differences (a − b, points, same test queries):"
+                                     f"\n\n{diff_table}")
+    (out / "ablation.json").write_text(json.dumps(
+        {"variants": {name: {"label": label, "run_dir": run_dirs.get(name), "metrics": {m: v[0] for m, v in by_mod.items()}}
+                      for name, label, by_mod in evaluated}, "differences": diffs},
+        indent=2, default=str))
+    from rayjobs.leaderboard import write_leaderboard
+
+    board = write_leaderboard(out, out_dir=out, metric=probe.eval.metric, mode="max")
+    print("\n" + header + "\n\n" + table + "\n" + diff_table, flush=True)
+    return board
+
+
 def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, space: str | Path = DEMO_SPACE) -> dict:
     """All stages (module docstring) into `out`; `space` is the sweep YAML, whose `base_config`
     is also the ablation's run config."""
@@ -311,25 +336,7 @@ def run_demo(out: Path, quick: bool, num_trials: int | None, steps: int | None, 
         progress.advance(per_eval)
 
     progress.say("report", "ablation table and leaderboard")
-    ks = probe.eval.ks
-    table = ablation_markdown(evaluated, ks)
-    k = parse_metric_key(probe.eval.metric)[1]
-    diff_table, diffs = comparisons(evaluated, k)
-    first = evaluated[0][2]["both"][0] if evaluated and "both" in evaluated[0][2] else {}
-    header = (f"Ablation on the {corpus} demo corpus ({'quick' if quick else 'full'} demo). Every run was chosen "
-              f"on the validation split; these are test-split numbers, read once. Recall in % with 95 % bootstrap "
-              f"intervals over queries; {first.get('num_queries', '?')} test queries, {first.get('pool', '?')} pool of "
-              f"{first.get('pool_size', '?')} notes, {first.get('ties', '?')} ties; one seed per variant.")
-    (out / "ablation.md").write_text(f"{header}\n\n{table}\nPaired differences (a − b, points, same test queries):"
-                                     f"\n\n{diff_table}")
-    (out / "ablation.json").write_text(json.dumps(
-        {"variants": {name: {"label": label, "run_dir": run_dirs.get(name), "metrics": {m: v[0] for m, v in by_mod.items()}}
-                      for name, label, by_mod in evaluated}, "differences": diffs},
-        indent=2, default=str))
-    from rayjobs.leaderboard import write_leaderboard
-
-    board = write_leaderboard(out, out_dir=out, metric=probe.eval.metric, mode="max")
-    print("\n" + header + "\n\n" + table + "\n" + diff_table, flush=True)
+    board = write_report(out, evaluated, run_dirs, probe, quick)
     print(f"[demo] done in {(time.time() - progress.started) / 60:.1f} min: {out / 'ablation.md'}, "
           f"{board['html']}", flush=True)
     return {"out": str(out), "ablation": evaluated, "sweep": sweep, "leaderboard": board}
