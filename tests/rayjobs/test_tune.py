@@ -173,9 +173,10 @@ def _check_finished_sweep(sweep_dir: Path, whole_history: set[str]) -> None:
         results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
         for epoch_report in results[:-1]:
             assert epoch_report[tune.ROUND_ATTR] * 8 == epoch_report["step"] and not epoch_report["train_done"]
-        if trial_dir.name in {f"trial_{t}" for t in whole_history} or not results[0]["train_done"]:
+        if not results[0]["train_done"]:
             assert results[0][tune.ROUND_ATTR] == 1 and results[0]["step"] == 8
-        else:  # resumed from its step-8 checkpoint, the epoch-1 report lost with the killed driver
+        else:  # Tune's result.json after --resume can hold only the final row (seen for finished and cut-off
+            # trials alike); the epoch-1 reports are checked in the first driver's progress lines instead
             assert len(results) == 1 and results[0]["step"] == 12
         assert results[-1]["train_done"] == 1 or len(results) == 1  # or stopped by ASHA at epoch 1
     # one run config per trial, with the trial's sampled values applied
