@@ -52,6 +52,18 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     )
 
 
+def apply_local_env() -> dict[str, str]:
+    """Set cluster/local_env.yaml's variables in this process (a variable already set wins) before
+    an embedded Ray starts: its raylet, Train controller, workers and Ray Data actors inherit them.
+    Returns the file's defaults."""
+    import yaml
+
+    defaults = (yaml.safe_load(LOCAL_ENV.read_text()) or {}).get("env_vars") or {}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, str(value))
+    return {k: str(v) for k, v in defaults.items()}
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray.
 
@@ -72,11 +84,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    import yaml
-
-    defaults = yaml.safe_load(LOCAL_ENV.read_text()).get("env_vars") or {} if LOCAL_ENV.exists() else {}
-    for key, value in defaults.items():
-        os.environ.setdefault(key, str(value))
+    apply_local_env()
     cpus = num_cpus or max(8, 4 * (os.cpu_count() or 1))
     ctx = ray.init(num_cpus=cpus, include_dashboard=True, configure_logging=False)
     print(f"[ray] embedded local Ray: {cpus} logical CPUs on {os.cpu_count()} cores, "

@@ -38,10 +38,14 @@ def tiny_model_cfg():
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the session; 4 logical CPUs on 2 cores so Ray Data keeps a CPU
-    while two Train workers run."""
+    while two Train workers run. It gets the embedded Ray's environment (cluster/local_env.yaml),
+    as `rayjobs.train.ensure_ray` gives it to users: the tests run what users run."""
     import ray
 
+    from rayjobs.train import apply_local_env
+
     if not ray.is_initialized():
+        apply_local_env()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
