@@ -56,8 +56,9 @@ _DS_STEP = textwrap.dedent("""
     import json, os, socket, sys
     sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from core.deepspeed_config import load_deepspeed_config, use_this_interpreters_build_tools
+    use_this_interpreters_build_tools()  # as the trainer does: the ops set-up built in the venv, not a rebuild
     import torch, deepspeed
-    from core.deepspeed_config import load_deepspeed_config
     name, precision, use_gpu = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     cfg = load_deepspeed_config(name, micro_batch_size=4, world_size=1, lr=1e-2, weight_decay=0.0,
                                 warmup_steps=0, total_steps=10, grad_clip=1.0, precision=precision, use_gpu=use_gpu)

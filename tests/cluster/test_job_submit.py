@@ -70,7 +70,7 @@ def wait_for_job(head, submission_id: str) -> dict:
         info = r.json()
         if info["status"] in TERMINAL:
             return info
-        time.sleep(5)
+        time.sleep(1)
     subprocess.run([RAY, "job", "stop", "--address", head.dashboard_url, "--no-wait", submission_id],
                    env=head.client_env(), capture_output=True, timeout=CLI_TIMEOUT_S)
     pytest.fail(f"job {submission_id} still {info.get('status')} after {JOB_TIMEOUT_S}s; logs:\n"

@@ -23,17 +23,6 @@ from tests.reliability.conftest import FAULT_RUN, PY, REPO, saved_state, smoke_a
 pytestmark = pytest.mark.slow
 
 
-def test_same_seed_same_config_identical_metrics(ray_local, rel_data, reference_run, tmp_path):
-    from rayjobs.train import run_training
-
-    again = run_training(smoke_cfg(tmp_path / "runs", rel_data, "again", *FAULT_RUN))
-    first, second = saved_state(reference_run["checkpoint"])["history"], saved_state(again["checkpoint"])["history"]
-    assert [h["step"] for h in second] == list(range(1, 13))
-    assert second == first, "per-step losses differ between two identical runs"
-    for key in ("loss", "R@1", "R@5", "R@10", "temperature"):
-        assert math.isclose(again[key], reference_run[key], rel_tol=0, abs_tol=1e-9), (key, again[key], reference_run[key])
-
-
 def test_different_seed_changes_the_run(ray_local, rel_data, reference_run, tmp_path):
     """The converse: the seed really is what fixes the run (guards against a test that cannot fail)."""
     from rayjobs.train import run_training
@@ -43,7 +32,9 @@ def test_different_seed_changes_the_run(ray_local, rel_data, reference_run, tmp_
 
 
 def test_separate_driver_process_gives_identical_losses(rel_data, reference_run, tmp_path):
-    """Same seed and config, another driver process: identical per-step losses (`==`)."""
+    """Same seed and config, another driver process: identical per-step losses (`==`) and final
+    metrics. (A second run in the same process is the stronger claim's special case: the
+    in-process reruns in tests/rayjobs/test_train.py and the killed-worker run cover it.)"""
     storage = tmp_path / "runs"
     cmd = [PY, "-m", "rayjobs.train", *smoke_args(storage, rel_data, "other-process", *FAULT_RUN)]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
@@ -53,3 +44,5 @@ def test_separate_driver_process_gives_identical_losses(rel_data, reference_run,
     assert [h["step"] for h in second] == list(range(1, 13))
     assert second == first, "per-step losses differ between two driver processes"
     assert final["loss"] == reference_run["loss"]
+    for key in ("loss", "R@1", "R@5", "R@10", "temperature"):
+        assert math.isclose(final[key], reference_run[key], rel_tol=0, abs_tol=1e-9), (key, final[key], reference_run[key])
