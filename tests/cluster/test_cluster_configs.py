@@ -139,8 +139,12 @@ def test_local_env_defaults_reach_the_embedded_rays_workers():
 
 
 def test_deepspeed_ops_are_cached_per_virtualenv(monkeypatch, tmp_path):
+    # setenv first, so that monkeypatch records the variable's state before the test: the
+    # function under test sets it directly, and a value left behind would send every later
+    # DeepSpeed op build of the session into tmp_path (a 25-30 s rebuild of the shm op)
     monkeypatch.setenv("PATH", os.environ.get("PATH", ""))
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
     monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "python"))
     use_this_interpreters_build_tools()
