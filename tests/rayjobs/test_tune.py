@@ -147,7 +147,11 @@ def _prepare_with_empty_test_split(space: Path, data_dir: Path) -> None:
 
     from rayjobs.prepare_data import prepare
 
-    cfg = load_run_config(yaml.safe_load(space.read_text())["base_config"])
+    spec = yaml.safe_load(space.read_text())
+    pinned = {k: (v["value"] if isinstance(v, dict) else v) for k, v in spec["parameters"].items()
+              if not isinstance(v, dict) or v.get("type") == "fixed"}
+    # the sweep's own data settings (80 notes: 8 steps per epoch), as its trials would prepare them
+    cfg = load_run_config(spec["base_config"], [f"{k}={v}" for k, v in pinned.items() if k.startswith("data.")])
     prepare(cfg.data.corpus, data_dir, num_notes=cfg.data.num_notes, seed=cfg.data.seed,
             short_text_chars=cfg.data.short_text_chars)
     test = pq.read_table(data_dir / "pairs_test.parquet")
@@ -231,6 +235,8 @@ def test_smoke_sweep_killed_then_resumed_finishes_without_rerunning_trials(tmp_p
     first_log = (tmp_path / "first.log").read_text()
     assert first is not None, first_log[-5000:]
     assert "[tune] trial" in first_log and "running" in first_log  # per-trial progress lines
+    # the finished trial's epoch-end validation reached Tune (what ASHA decides on) before its final one
+    assert f"[tune] trial {first} epoch 1 validation" in first_log, first_log[-5000:]
     first_final = sweep_dir / "runs" / f"smoke-{first}" / "final_metrics.json"
     assert first_final.exists()
     before = (first_final.stat().st_mtime_ns, json.loads(first_final.read_text())["steps"])
