@@ -52,16 +52,14 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     )
 
 
-def apply_local_env() -> dict[str, str]:
+def apply_local_env() -> None:
     """Set cluster/local_env.yaml's variables in this process (a variable already set wins) before
-    an embedded Ray starts: its raylet, Train controller, workers and Ray Data actors inherit them.
-    Returns the file's defaults."""
+    an embedded Ray starts: its raylet, Train controller, workers and Ray Data actors inherit them."""
     import yaml
 
     defaults = (yaml.safe_load(LOCAL_ENV.read_text()) or {}).get("env_vars") or {}
     for key, value in defaults.items():
         os.environ.setdefault(key, str(value))
-    return {k: str(v) for k, v in defaults.items()}
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

@@ -147,11 +147,8 @@ def _prepare_with_empty_test_split(space: Path, data_dir: Path) -> None:
 
     from rayjobs.prepare_data import prepare
 
-    spec = yaml.safe_load(space.read_text())
-    pinned = {k: (v["value"] if isinstance(v, dict) else v) for k, v in spec["parameters"].items()
-              if not isinstance(v, dict) or v.get("type") == "fixed"}
-    # the sweep's own data settings (80 notes: 8 steps per epoch), as its trials would prepare them
-    cfg = load_run_config(spec["base_config"], [f"{k}={v}" for k, v in pinned.items() if k.startswith("data.")])
+    # base config + the sweep's fixed parameters (80 notes: 8 steps per epoch), as its trials see them
+    cfg = load_sweep(space).run_config({})
     prepare(cfg.data.corpus, data_dir, num_notes=cfg.data.num_notes, seed=cfg.data.seed,
             short_text_chars=cfg.data.short_text_chars)
     test = pq.read_table(data_dir / "pairs_test.parquet")

@@ -33,8 +33,8 @@ def test_different_seed_changes_the_run(ray_local, rel_data, reference_run, tmp_
 
 def test_separate_driver_process_gives_identical_losses(rel_data, reference_run, tmp_path):
     """Same seed and config, another driver process: identical per-step losses (`==`) and final
-    metrics. (A second run in the same process is the stronger claim's special case: the
-    in-process reruns in tests/rayjobs/test_train.py and the killed-worker run cover it.)"""
+    metrics. (A second identical run inside one process is not checked at `==`: the killed-worker
+    run, resumed in this process, matches the reference within 1e-4 per step.)"""
     storage = tmp_path / "runs"
     cmd = [PY, "-m", "rayjobs.train", *smoke_args(storage, rel_data, "other-process", *FAULT_RUN)]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
