@@ -11,6 +11,7 @@ from core.config import LossConfig, ModelConfig, RunConfig
 from core.model.builders import build_model
 from core.step import compute_loss, model_inputs, pair_batch_to_notes, pair_chunks, start_pair_step
 from tests.conftest import tiny_model_dict
+from tests.gloo import run_on_gloo_ranks
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def pair_batch(tmp_path_factory):
     """5 real pairs (an odd count: the last chunk is short); pair 1's target is pair 0's query,
     so duplicate masking has something to mask."""
     from core.data.pipeline import iter_pair_batches_local
-    from rayjobs.prepare_data import prepare
+    from core.data.prepare import prepare
 
     data = tmp_path_factory.mktemp("gc") / "synthetic"
     prepare("synthetic", str(data), num_notes=40, seed=0)
@@ -107,64 +108,46 @@ def test_dropout_masks_replay_between_the_passes(pair_batch):
 STAGES = (("zero0", "no_grad"), ("zero1", "no_grad"), ("zero2", "with_grad"), ("zero3", "no_grad"))
 
 
-def _deepspeed_worker(rank: int, port: int, data_dir: str, out_dir: str) -> None:
+def _deepspeed_worker(rank: int, world: int, data_dir: str, out_dir: str) -> None:
     """Each rank trains 2 steps on its own batches, plain and chunked, under every ZeRO stage."""
-    import os
+    import deepspeed
 
-    import torch.distributed as dist
+    from core.data.pipeline import iter_pair_batches_local
+    from core.deepspeed_config import load_deepspeed_config, use_this_interpreters_build_tools
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        import deepspeed
-
-        from core.data.pipeline import iter_pair_batches_local
-        from core.deepspeed_config import load_deepspeed_config, use_this_interpreters_build_tools
-
-        use_this_interpreters_build_tools()
-        mcfg = ModelConfig(**tiny_model_dict())
-        batches = list(iter_pair_batches_local(data_dir, "train", RunConfig(model=mcfg), 5, seed=0))[rank: 4: 2]
-        results = {}
-        for stage, gather in STAGES:
-            for chunk in (0, 2):
-                loss_cfg = LossConfig(gather=gather, grad_cache_chunk_size=chunk, matryoshka_dims=[8, 16])
-                torch.manual_seed(0)
-                model, _ = build_model(mcfg, loss_cfg, seed=0)
-                ds = load_deepspeed_config(stage, micro_batch_size=5, world_size=2, lr=2e-3, weight_decay=0.001,
-                                           warmup_steps=0, total_steps=2, grad_clip=1.0, precision="float32",
-                                           use_gpu=False)
-                engine, *_ = deepspeed.initialize(model=model, config=ds,
-                                                  model_parameters=[p for p in model.parameters() if p.requires_grad])
-                losses = []
-                for batch in batches:
-                    loss, _, backward = start_pair_step(engine, batch, loss_cfg, "cpu")
-                    backward(engine.backward, engine.set_gradient_accumulation_boundary)
-                    engine.step()
-                    losses.append(float(loss))
-                results[(stage, chunk)] = losses
-                engine.destroy()
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    use_this_interpreters_build_tools()
+    mcfg = ModelConfig(**tiny_model_dict())
+    batches = list(iter_pair_batches_local(data_dir, "train", RunConfig(model=mcfg), 5, seed=0))[rank: 4: 2]
+    results = {}
+    for stage, gather in STAGES:
+        for chunk in (0, 2):
+            loss_cfg = LossConfig(gather=gather, grad_cache_chunk_size=chunk, matryoshka_dims=[8, 16])
+            torch.manual_seed(0)
+            model, _ = build_model(mcfg, loss_cfg, seed=0)
+            ds = load_deepspeed_config(stage, micro_batch_size=5, world_size=2, lr=2e-3, weight_decay=0.001,
+                                       warmup_steps=0, total_steps=2, grad_clip=1.0, precision="float32",
+                                       use_gpu=False)
+            engine, *_ = deepspeed.initialize(model=model, config=ds,
+                                              model_parameters=[p for p in model.parameters() if p.requires_grad])
+            losses = []
+            for batch in batches:
+                loss, _, backward = start_pair_step(engine, batch, loss_cfg, "cpu")
+                backward(engine.backward, engine.set_gradient_accumulation_boundary)
+                engine.step()
+                losses.append(float(loss))
+            results[(stage, chunk)] = losses
+            engine.destroy()
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_chunked_steps_equal_plain_steps_under_every_zero_stage_on_two_workers(tmp_path):
     """Cross-worker gather (no_grad and with_grad), duplicate masking, mICL and Matryoshka: the
     second step's loss shows the first step's update was the same."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from rayjobs.prepare_data import prepare
+    from core.data.prepare import prepare
 
     prepare("synthetic", str(tmp_path / "data"), num_notes=60, seed=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_deepspeed_worker, args=(port, str(tmp_path / "data"), str(tmp_path)), nprocs=2, join=True)
+    run_on_gloo_ranks(_deepspeed_worker, 2, str(tmp_path / "data"), str(tmp_path))
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         for stage, _ in STAGES:

@@ -4,14 +4,12 @@ gathered over 2 gloo processes."""
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from core.losses import matryoshka_loss, micl_loss, pair_contrastive_loss, pair_positions
+from tests.gloo import run_on_gloo_ranks
 
 
 def reference_loss(emb: torch.Tensor, tau: torch.Tensor, excluded: dict[int, set[int]] | None = None) -> torch.Tensor:
@@ -198,34 +196,24 @@ def _local_block(x_q, x_t, rank):
     return torch.cat([x_q[sl], x_t[sl]])  # this rank's [q..., t...]
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        q, t, q_ids, t_ids = _global_batch()
-        results = {}
-        for mode in ("no_grad", "with_grad"):
-            for use_ids in (False, True):
-                emb = _local_block(q, t, rank).clone().requires_grad_(True)
-                tau = torch.tensor(3.0, requires_grad=True)
-                ids = _local_block(q_ids, t_ids, rank) if use_ids else None
-                loss = pair_contrastive_loss(emb, tau, note_ids=ids, gather=mode)
-                loss.backward()
-                results[(mode, use_ids)] = (loss.detach(), emb.grad.clone())
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    q, t, q_ids, t_ids = _global_batch()
+    results = {}
+    for mode in ("no_grad", "with_grad"):
+        for use_ids in (False, True):
+            emb = _local_block(q, t, rank).clone().requires_grad_(True)
+            tau = torch.tensor(3.0, requires_grad=True)
+            ids = _local_block(q_ids, t_ids, rank) if use_ids else None
+            loss = pair_contrastive_loss(emb, tau, note_ids=ids, gather=mode)
+            loss.backward()
+            results[(mode, use_ids)] = (loss.detach(), emb.grad.clone())
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def gathered_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("gather")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    run_on_gloo_ranks(_worker, WORLD, str(out))
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from core.config import RunConfig
 from core.evaluation import validation_recall
 from core.metrics import flatten_recall, flatten_recall_ci
 from core.model.builders import build_model
 from tests.conftest import tiny_model_dict
+from tests.gloo import run_on_gloo_ranks
 
 
 def _cfg(data_dir: str, feature_cache: str) -> RunConfig:
@@ -31,20 +28,14 @@ def _metrics(rank: int, world: int, data_dir: str, feature_cache: str) -> dict:
     return {**flatten_recall(report), **flatten_recall_ci(report), "num_queries": report["num_queries"]}
 
 
-def _worker(rank: int, world: int, port: int, data_dir: str, feature_cache: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        metrics = _metrics(rank, world, data_dir, feature_cache)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, data_dir: str, feature_cache: str, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(metrics, f)
+        json.dump(_metrics(rank, world, data_dir, feature_cache), f)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from rayjobs.prepare_data import prepare
+    from core.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("sharded") / "synthetic"
     prepare("synthetic", out, num_notes=61, seed=0, top_t=4)  # an odd note count: uneven shards
@@ -54,10 +45,7 @@ def prepared(tmp_path_factory):
 @pytest.mark.parametrize("feature_cache", ["auto"])  # the pixel path shards the same rows
 def test_two_gloo_ranks_give_the_metrics_of_one(prepared, tmp_path, feature_cache):
     single = _metrics(0, 1, prepared, feature_cache)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, prepared, feature_cache, str(tmp_path)), nprocs=2, join=True)
+    run_on_gloo_ranks(_worker, 2, prepared, feature_cache, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert single["num_queries"] > 0 and len(single) > 10
     for metrics in ranks:
