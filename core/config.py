@@ -17,6 +17,7 @@ import difflib
 import os
 import re
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -241,7 +242,7 @@ class DataConfig:
     """Where the prepared corpus lives and how it streams into training."""
 
     corpus: str = "synthetic"
-    """Corpus adapter used by `rayjobs.prepare_data` when `path` has no prepared data: `synthetic`, `tuxpaint`, `movielens`, `qilin`, `openclipart`."""
+    """Corpus adapter (`core.data.corpora.CORPORA`) a run prepares into `path` when it has no prepared data: `synthetic`, `tuxpaint`, `movielens`, `openclipart`; `qilin` and `parquet` read your files, so prepare them first (`python -m rayjobs.prepare_data --corpus parquet --input DIR --out PATH`)."""
     path: str = "runs/data/synthetic"
     """Prepared data directory (notes.parquet, pairs_train/val/test.parquet); local, NFS, s3:// or gs://."""
     num_notes: int | None = 400
@@ -270,6 +271,82 @@ class DataConfig:
         _check_choice(s, "feature_cache", self.feature_cache, FEATURE_CACHE_MODES)
         _check_range(s, "seed", self.seed, lo=0)
         _check_types(self, s)
+
+
+
+@dataclass
+class PrepareConfig:
+    """How `core.data.prepare` turns a corpus into a prepared data directory (the flags of
+    `python -m rayjobs.prepare_data`). None for an adapter option means the adapter's default."""
+
+    num_notes: int | None = None
+    """Corpus size (synthetic) or a seeded subset (real corpora); None: the adapter's default / all."""
+    seed: int = 0
+    """Seed of generation, subsets and the train/val/test split."""
+    short_fraction: float = 0.3
+    """synthetic, tuxpaint, openclipart: fraction of notes stripped to an uninformative title."""
+    lower: float = 0.0
+    """Smallest co-occurrence score kept (inclusive)."""
+    upper: float = float("inf")
+    """Largest co-occurrence score kept (inclusive)."""
+    top_t: int = 10
+    """Targets kept per query note."""
+    test_fraction: float = 0.2
+    """Fraction of query notes held out for test."""
+    val_fraction: float = 0.1
+    """Fraction of query notes held out for validation (disjoint from test; what runs are chosen by)."""
+    short_text_chars: int = 20
+    """A note with fewer title+content characters is 'short'."""
+    embed_images: bool = True
+    """Store image bytes in notes.parquet; false keeps `image_uri` references."""
+    input: str | None = None
+    """Source directory (qilin, parquet: required; tuxpaint, movielens, openclipart: overrides the installed asset)."""
+    image_root: str | None = None
+    """qilin, openclipart: directory or URI the image paths are relative to."""
+    num_users: int | None = None
+    """Generated corpora: simulated users."""
+    events_per_user: int | None = None
+    """Generated corpora: clicks per simulated user."""
+    category_depth: int | None = None
+    """tuxpaint, openclipart: folder levels that make a note's category."""
+    num_topics: int | None = None
+    """synthetic: topics."""
+    num_variants: int | None = None
+    """synthetic: near-duplicate variants per item."""
+    image_px: int | None = None
+    """synthetic: side of the generated images."""
+    split: str | None = None
+    """qilin: which session split is the click log."""
+
+    def __post_init__(self) -> None:
+        s = "prepare"
+        _check_range(s, "short_fraction", self.short_fraction, lo=0, hi=1)
+        for name in ("test_fraction", "val_fraction"):
+            _check_range(s, name, getattr(self, name), lo=0, hi=1, hi_open=True)
+        if self.test_fraction + self.val_fraction >= 1:
+            _fail(s, "val_fraction", self.val_fraction, f"test_fraction + val_fraction < 1 (test_fraction={self.test_fraction})")
+        for name in ("num_notes", "num_users", "events_per_user", "category_depth", "num_topics", "num_variants", "image_px"):
+            if getattr(self, name) is not None:
+                _check_range(s, name, getattr(self, name), lo=1)
+        _check_range(s, "top_t", self.top_t, lo=1)
+        _check_range(s, "lower", self.lower, lo=0)
+        _check_range(s, "upper", self.upper, lo=self.lower)
+        _check_range(s, "short_text_chars", self.short_text_chars, lo=0)
+        _check_range(s, "seed", self.seed, lo=0)
+        _check_types(self, s)
+
+    ADAPTER_ONLY = ("input", "image_root", "num_users", "events_per_user", "category_depth", "num_topics",
+                    "num_variants", "image_px", "split")
+
+    def adapter_options(self) -> dict:
+        """What a corpus adapter is given: the set options an adapter takes (`build_corpus`
+        passes each adapter the ones its signature names)."""
+        shared = ("num_notes", "seed", "short_fraction")
+        return {k: getattr(self, k) for k in (*shared, *self.ADAPTER_ONLY) if getattr(self, k) is not None}
+
+    def to_dict(self) -> dict:
+        """JSON-ready (the report's `info.options`): an unbounded `upper` is null."""
+        return {k: (None if v == float("inf") else v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
@@ -444,20 +521,33 @@ def from_dict(cls: type, raw: Any, source: str = "config", section: str = "") ->
         raise ConfigError(f"{source}: {err}") from None
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings (values parsed as YAML) to a nested config dict."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for item in overrides or []:
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`--set section.key=value` strings -> `{"section.key": value}`, each value parsed as YAML
+    once, here (`3` an int, `1e-4` a float, `[a, b]` a list, `null` None, `false` a bool)."""
+    values: dict[str, Any] = {}
+    for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. loss.alpha=3")
-        section, _, name = key.strip().partition(".")
+        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    return values
+
+
+def with_values(raw: dict, values: Mapping[str, Any]) -> dict:
+    """A copy of the nested config dict `raw` with typed `section.key` values set: the one way
+    `--set`, a sweep's fixed parameters and a trial's sampled values reach a config. Sections are
+    checked here; keys and values when the result goes through `RunConfig.from_dict`."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
         if section not in SECTIONS:
             near = difflib.get_close_matches(section, list(SECTIONS), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else f" (sections: {', '.join(SECTIONS)})"
-            raise ConfigError(f"--set {item!r}: unknown section '{section}'{hint}")
+            raise ConfigError(f"{key!r}: unknown section '{section}'{hint}")
+        if not name:
+            raise ConfigError(f"{key!r}: expected section.key, e.g. loss.alpha")
         out.setdefault(section, {})
-        out[section][name] = yaml.safe_load(text) if text.strip() else None
+        out[section][name] = value
     return out
 
 
@@ -478,7 +568,7 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
             raw["train"] = {}
         if isinstance(raw["train"], dict) and not raw["train"].get("name"):
             raw["train"]["name"] = p.stem  # reruns of one config file resume one run
-    raw = apply_overrides(raw, overrides or [])
+    raw = with_values(raw, parse_set(overrides))
     return RunConfig.from_dict(raw, source)
 
 

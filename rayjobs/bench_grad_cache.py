@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file() or args.chunk < 1 or min(sizes) < 1:
         print("error: --config must be a run config file, --chunk and --batch-sizes >= 1", file=sys.stderr)
         return 2
-    from rayjobs.prepare_data import prepare
+    from core.data.prepare import prepare
 
     data = Path(tempfile.mkdtemp(prefix="bench-gc-")) / "synthetic"
     # enough training pairs for steps x the largest batch (the split keeps ~70 % for training)

@@ -57,7 +57,7 @@ def measure(config: str, steps: int, threads: int, data: str, notes: int) -> dic
     torch.set_num_threads(threads)
     cfg = load_run_config(config, ["data.feature_cache=auto", f"data.path={data}"])
     if not Path(cfg.data.path, "pairs_train.parquet").exists():
-        from rayjobs.prepare_data import prepare
+        from core.data.prepare import prepare
 
         prepare(cfg.data.corpus, cfg.data.path, num_notes=notes if cfg.data.num_notes is None else cfg.data.num_notes,
                 seed=cfg.data.seed)

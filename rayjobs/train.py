@@ -25,7 +25,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from core.config import ConfigError, RunConfig, load_run_config
+from core.config import ConfigError, PrepareConfig, RunConfig, load_run_config
+from core.data.prepare import prepare
+from core.data.schema import PAIRS_FILES, check_prepared
 from core.metrics import parse_metric_key
 from core.paths import absolute, is_remote, join, storage_fs
 from rayjobs.train_worker import train_fn_per_worker
@@ -94,18 +96,14 @@ def ensure_data(cfg: RunConfig) -> None:
     prepared data (pairs must name existing notes: the pipeline's join would drop them silently)."""
     if is_remote(cfg.data.path):
         return
-    from core.data.schema import PAIRS_FILES, check_prepared
-
     present = [name for name in PAIRS_FILES.values() if (Path(cfg.data.path) / name).exists()]
     if len(present) == len(PAIRS_FILES):
         check_prepared(cfg.data.path)
         return
-    from rayjobs.prepare_data import prepare
-
     why = "no prepared data" if not present else f"prepared data without {sorted(set(PAIRS_FILES.values()) - set(present))}"
     print(f"[train] {why} in {cfg.data.path}; preparing corpus '{cfg.data.corpus}'", flush=True)
-    prepare(cfg.data.corpus, cfg.data.path, num_notes=cfg.data.num_notes, seed=cfg.data.seed,
-            short_text_chars=cfg.data.short_text_chars)
+    prepare(cfg.data.corpus, cfg.data.path, PrepareConfig(num_notes=cfg.data.num_notes, seed=cfg.data.seed,
+                                                          short_text_chars=cfg.data.short_text_chars))
 
 
 def pairs_needed(cfg: RunConfig) -> int | None:

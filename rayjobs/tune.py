@@ -41,10 +41,10 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from core.config import ConfigError, RunConfig, apply_overrides, dump_run_config
+from core.config import ConfigError, RunConfig, dump_run_config, with_values
 from core.paths import absolute, is_remote, join
 from rayjobs.train import ensure_data, ensure_ray, run_training
-from search_spaces.schema import SweepSpec, load_sweep, overrides_from_params
+from search_spaces.schema import SweepSpec, decode_params, load_sweep
 
 EXIT_USAGE = 2
 RUNS_DIR = "runs"
@@ -132,7 +132,7 @@ def prepare_base(spec: SweepSpec) -> dict:
 
 def trial_run_config(base: dict, params: dict, run_name: str, runs_dir: str) -> RunConfig:
     """One trial's RunConfig: base + sampled params, its own stable run name under the sweep."""
-    cfg = RunConfig.from_dict(apply_overrides(base, overrides_from_params(params)), f"trial {run_name}")
+    cfg = RunConfig.from_dict(with_values(base, decode_params(params)), f"trial {run_name}")
     cfg.train.name = run_name
     cfg.train.storage_path = runs_dir
     return cfg

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -26,7 +27,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from core.config import ConfigError, RunConfig, apply_overrides, load_run_config
+from core.config import ConfigError, RunConfig, load_run_config, with_values
 from core.metrics import RECALL_KEY
 
 PARAM_TYPES = ("choice", "uniform", "loguniform", "int", "fixed")
@@ -50,11 +51,6 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _yaml_value(value: Any) -> str:
-    """Render a value for `apply_overrides`, which parses the right-hand side as YAML."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
-
-
 LIST_CHOICE = "list:"
 """Prefix of a list-valued choice as Optuna samples it: categoricals hold scalars only, so the
 choice `[8, 16, 32]` (e.g. of `loss.matryoshka_dims`) is the string "list:[8, 16, 32]"."""
@@ -65,19 +61,19 @@ def _scalar(v: Any) -> bool:
 
 
 def encode_choice(value: Any) -> Any:
-    """A choice value as an Optuna categorical: lists become "list:<flow YAML>", scalars stay."""
-    return LIST_CHOICE + _yaml_value(value) if isinstance(value, list) else value
+    """A choice value as an Optuna categorical: lists become "list:<JSON>", scalars stay."""
+    return LIST_CHOICE + json.dumps(value) if isinstance(value, list) else value
 
 
-def overrides_from_params(params: dict[str, Any]) -> list[str]:
-    """`{"loss.alpha": 3}` -> `["loss.alpha=3"]`, the `--set` form `core.config` applies (a sampled
-    "list:[8, 16]" is the list it encodes)."""
-    def text(value: Any) -> str:
+def decode_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Sampled (or fixed) `section.key` values as the config takes them: a "list:[8, 16]"
+    categorical is the list it encodes, every other value passes through as it is."""
+    def decode(value: Any) -> Any:
         if isinstance(value, str) and value.startswith(LIST_CHOICE):
-            return value[len(LIST_CHOICE):]
-        return _yaml_value(value)
+            return json.loads(value[len(LIST_CHOICE):])
+        return value
 
-    return [f"{key}={text(value)}" for key, value in params.items()]
+    return {key: decode(value) for key, value in params.items()}
 
 
 @dataclass
@@ -239,12 +235,12 @@ class SweepSpec:
 
     def base_raw(self) -> dict:
         """The base config as a plain dict, with the fixed parameters applied."""
-        return apply_overrides(load_run_config(self.base_config).to_dict(), overrides_from_params(self.fixed))
+        return with_values(load_run_config(self.base_config).to_dict(), decode_params(self.fixed))
 
     def run_config(self, params: dict[str, Any], base: dict | None = None) -> RunConfig:
         """The RunConfig of one trial: base config + fixed parameters + the trial's sampled values."""
         raw = base if base is not None else self.base_raw()
-        return RunConfig.from_dict(apply_overrides(raw, overrides_from_params(params)), f"sweep {self.name}")
+        return RunConfig.from_dict(with_values(raw, decode_params(params)), f"sweep {self.name}")
 
     def optuna_space(self) -> dict:
         """`section.key` -> Optuna distribution for every searched parameter."""

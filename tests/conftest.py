@@ -61,7 +61,7 @@ RESUMABLE = ("train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkp
 def smoke_data(tmp_path_factory):
     """The synthetic corpus at smoke.yaml's size (160 notes, seed 0), prepared once; read-only
     (a test that damages data copies it first)."""
-    from rayjobs.prepare_data import prepare
+    from core.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("smoke-data") / "synthetic"
     prepare("synthetic", str(out), num_notes=160, seed=0)

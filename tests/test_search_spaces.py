@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.config import ConfigError
 from search_spaces import SweepError, load_sweep, sweep_from_dict
-from search_spaces.schema import overrides_from_params
+from search_spaces.schema import decode_params
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_BASE = str(REPO / "rayjobs/configs/smoke.yaml")
@@ -47,13 +48,18 @@ def test_paper_space_covers_the_ablation_grid():
     assert cfg.model.lora is True  # fixed: lora_rank is only meaningful with LoRA
 
 
-def test_overrides_round_trip_through_apply_overrides():
-    assert overrides_from_params({"loss.alpha": 3.0, "model.prompt_mode": "micl", "model.late_fusion": False,
-                                  "train.lr": 1e-5}) == [
-        "loss.alpha=3.0", "model.prompt_mode=micl", "model.late_fusion=false", "train.lr=1.0e-05"]
+def test_sampled_values_reach_the_config_typed_and_revalidated():
+    """No text round trip: a sampled value is the config's value; a "list:" choice decodes once."""
+    params = {"loss.alpha": 3.0, "model.prompt_mode": "micl", "model.late_fusion": False, "train.lr": 1e-5,
+              "loss.matryoshka_dims": "list:[8, 16]", "train.name": "null"}
+    assert decode_params(params) == {**params, "loss.matryoshka_dims": [8, 16]}  # "null" stays a string
     spec = sweep_from_dict(_sweep(), "t.yaml")
     cfg = spec.run_config({"model.prompt_mode": "basic", "train.lr": 1e-5, "model.late_fusion": False})
     assert (cfg.model.prompt_mode, cfg.train.lr, cfg.model.late_fusion) == ("basic", 1e-5, False)
+    with pytest.raises(ConfigError, match="alpha"):
+        spec.run_config({"loss.alpha": -1.0})  # the typed value is validated like a file's
+    with pytest.raises(ConfigError, match="did you mean 'loss'"):
+        spec.run_config({"los.alpha": 3.0})
 
 
 @pytest.mark.parametrize("over, message", [

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from core.config import RunConfig
-from rayjobs.prepare_data import prepare
+from core.data.prepare import prepare
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SMOKE_CONFIG = PACKAGE_DIR.parent / "configs" / "smoke.yaml"

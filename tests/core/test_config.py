@@ -4,6 +4,8 @@ tests/test_configs.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -13,11 +15,13 @@ from core.config import (
     EvalConfig,
     LossConfig,
     ModelConfig,
+    PrepareConfig,
     RunConfig,
     TrainConfig,
-    apply_overrides,
     dump_run_config,
     load_run_config,
+    parse_set,
+    with_values,
 )
 
 # (section class, field, bad value, substrings the message must contain)
@@ -132,11 +136,13 @@ def test_unknown_key_did_you_mean(raw, bad_key, suggestion):
 
 def test_unknown_override_section_and_malformed_override():
     with pytest.raises(ConfigError, match="did you mean 'loss'"):
-        apply_overrides({}, ["los.alpha=3"])
+        with_values({}, parse_set(["los.alpha=3"]))
     with pytest.raises(ConfigError, match="section.key=value"):
-        apply_overrides({}, ["alpha=3"])
+        parse_set(["alpha=3"])
     with pytest.raises(ConfigError, match="section.key=value"):
-        apply_overrides({}, ["loss.alpha"])
+        parse_set(["loss.alpha"])
+    with pytest.raises(ConfigError, match="expected section.key"):
+        with_values({}, {"loss.": 3})
 
 
 def test_set_overrides_parse_as_yaml():
@@ -158,7 +164,7 @@ def test_set_overrides_parse_as_yaml():
 
 def test_overrides_do_not_mutate_the_input():
     raw = {"loss": {"alpha": 9.0}}
-    out = apply_overrides(raw, ["loss.alpha=1"])
+    out = with_values(raw, parse_set(["loss.alpha=1"]))
     assert raw == {"loss": {"alpha": 9.0}} and out["loss"]["alpha"] == 1
 
 
@@ -233,3 +239,16 @@ def test_matryoshka_config_round_trip_and_width_check():
         load_run_config(None, overrides=["model.output_dim=64", "loss.matryoshka_dims=[8, 128]"])
     # no head (output_dim null): the LLM width is only known when the model is built; the loss checks then
     assert load_run_config(None, overrides=["model.output_dim=null", "loss.matryoshka_dims=[8, 4096]"])
+
+
+def test_prepare_config_types_ranges_and_adapter_options():
+    cfg = PrepareConfig(num_notes=50, num_topics=3, input="/data/x")
+    assert cfg.adapter_options() == {"num_notes": 50, "seed": 0, "short_fraction": 0.3, "input": "/data/x", "num_topics": 3}
+    assert PrepareConfig().to_dict()["upper"] is None  # JSON-ready: no Infinity in data_report.json
+    for bad, message in [(dict(top_t=0), "prepare.top_t=0"), (dict(lower=2.0, upper=1.0), "prepare.upper=1.0"),
+                         (dict(test_fraction=1.0), "prepare.test_fraction=1.0"), (dict(seed=1.5), "prepare.seed=1.5"),
+                         (dict(embed_images="no"), "prepare.embed_images='no'"), (dict(num_notes=0), "prepare.num_notes=0")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            PrepareConfig(**bad)
+    with pytest.raises(TypeError, match="num_note"):
+        PrepareConfig(num_note=5)  # a misspelt keyword is not silently ignored

@@ -174,8 +174,8 @@ def tiny_eval_setup(root, num_notes: int = 120):
 
     from core.checkpoint import save_export
     from core.config import DataConfig, EvalConfig, ModelConfig, RunConfig, dump_run_config
+    from core.data.prepare import prepare
     from core.model.builders import build_model
-    from rayjobs.prepare_data import prepare
     from tests.conftest import tiny_model_dict
 
     data_dir = root / "data"

@@ -17,7 +17,7 @@ LOCAL = ("train.num_workers=0", "train.checkpoint_every=0", "eval.every_epoch=fa
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from rayjobs.prepare_data import prepare
+    from core.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("lossdata") / "synthetic"
     prepare("synthetic", str(out), num_notes=80, seed=0)

@@ -145,7 +145,7 @@ def _prepare_with_empty_test_split(space: Path, data_dir: Path) -> None:
     """The sweep's data as its trials would prepare it, then pairs_test.parquet without rows."""
     import pyarrow.parquet as pq
 
-    from rayjobs.prepare_data import prepare
+    from core.data.prepare import prepare
 
     # base config + the sweep's fixed parameters (80 notes: 8 steps per epoch), as its trials see them
     cfg = load_sweep(space).run_config({})

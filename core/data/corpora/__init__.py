@@ -4,7 +4,7 @@
     corpus.notes   # pyarrow Table in core.data.schema.NOTE_SCHEMA (not yet validated)
     corpus.events  # pyarrow Table in core.data.schema.EVENT_SCHEMA (not yet validated)
 
-Adapters only translate; `rayjobs.prepare_data` validates (images, text, ids, timestamps),
+Adapters only translate; `core.data.prepare` validates (images, text, ids, timestamps),
 mines pairs and splits. Rows an adapter cannot translate are counted in `corpus.report`.
 """
 
@@ -16,8 +16,8 @@ import pyarrow as pa
 
 from core.data.report import DataReport
 
-CORPORA = ("synthetic", "tuxpaint", "movielens", "qilin", "openclipart")
-"""Adapter names (`build_corpus`); `rayjobs.prepare_data` adds `parquet` (your own files)."""
+CORPORA = ("synthetic", "tuxpaint", "movielens", "qilin", "openclipart", "parquet")
+"""Adapter names (`build_corpus`); `parquet` reads your own notes.parquet + events.parquet."""
 
 
 @dataclass
@@ -43,6 +43,8 @@ def build_corpus(name: str, **opts) -> Corpus:
         from core.data.corpora.qilin import build_qilin as fn
     elif name == "openclipart":
         from core.data.corpora.openclipart import build_openclipart as fn
+    elif name == "parquet":
+        from core.data.corpora.parquet import build_parquet as fn
     else:
         raise ValueError(f"corpus {name!r}: allowed {', '.join(CORPORA)}")
     import inspect

@@ -11,7 +11,8 @@ from PIL import Image
 
 from core.data import schema
 from core.data.corpora import Corpus, build_corpus
-from rayjobs.prepare_data import main, prepare
+from core.data.prepare import prepare
+from rayjobs.prepare_data import main
 
 
 def png(mode="RGB", size=(8, 8), fmt="PNG"):

@@ -14,7 +14,7 @@ from tests.conftest import tiny_model_dict
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from rayjobs.prepare_data import prepare
+    from core.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("synthetic")
     prepare("synthetic", out, num_notes=60, seed=0, top_t=4)

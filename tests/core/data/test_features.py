@@ -29,7 +29,7 @@ SMOKE = Path(__file__).resolve().parents[3] / "rayjobs" / "configs" / "smoke.yam
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """60 synthetic notes, six of them without an image (the blank-image path)."""
-    from rayjobs.prepare_data import prepare
+    from core.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("features") / "synthetic"
     prepare("synthetic", out, num_notes=60, seed=0, top_t=4)
