@@ -20,7 +20,8 @@ it at a fake server on 127.0.0.1):
 On a notice it runs (`--drain-cmd` replaces `ray`, e.g. for tests):
     ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "<cloud notice>"
                    --deadline-remaining-seconds <seconds until the instance stops>
-and exits 0. `ray drain-node` without --node-id drains the node it runs on. Needs RAY_AUTH_MODE
+and exits 0. `ray drain-node` without --node-id drains the node it runs on (`--node-id ID`
+names another, e.g. when several raylets share one host, as in the two-node preemption test). Needs RAY_AUTH_MODE
 and the token (~/.ray/auth_token or RAY_AUTH_TOKEN) in its environment like any Ray CLI call.
 """
 
@@ -114,13 +115,15 @@ class GcpNotice:
         return None
 
 
-def drain_command(drain_cmd: list[str], message: str, deadline_s: int | None) -> list[str]:
-    """The `ray drain-node` argument vector for a preemption notice."""
+def drain_command(drain_cmd: list[str], message: str, deadline_s: int | None, node_id: str | None = None) -> list[str]:
+    """The `ray drain-node` argument vector for a preemption notice (of `node_id`, else this node)."""
     cmd = list(drain_cmd) + [
         "drain-node", "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", message,
     ]
     if deadline_s is not None:
         cmd += ["--deadline-remaining-seconds", str(int(deadline_s))]
+    if node_id:
+        cmd += ["--node-id", node_id]
     return cmd
 
 
@@ -132,6 +135,7 @@ def watch(
     default_deadline_s: int | None = None,
     max_polls: int | None = None,
     drain_cmd: list[str] | None = None,
+    node_id: str | None = None,
     run: Callable[[list[str]], int] | None = None,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> int:
@@ -144,6 +148,7 @@ def watch(
         default_deadline_s: deadline when the notice carries none (GCP; AWS without a time).
         max_polls: stop after this many polls; None polls forever (the service mode).
         drain_cmd: the `ray` executable as an argument list (default: ["ray"]).
+        node_id: the Ray node to drain (hex); None drains the node this runs on.
         run: executes the drain command and returns its exit code (default: subprocess.call).
     """
     source = {"aws": AwsNotice, "gcp": GcpNotice}[cloud](base_url)
@@ -154,7 +159,7 @@ def watch(
         notice = source.poll()
         if notice is not None:
             deadline = notice["deadline_s"] if notice["deadline_s"] is not None else default_deadline_s
-            cmd = drain_command(drain_cmd or ["ray"], notice["message"], deadline)
+            cmd = drain_command(drain_cmd or ["ray"], notice["message"], deadline, node_id)
             log(f"spot_watcher: {notice['message']}; running: {shlex.join(cmd)}")
             rc = run(cmd)
             if rc != 0:
@@ -176,11 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-polls", type=int, default=None, help="give up after N polls (tests); default: forever")
     p.add_argument("--drain-cmd", default=os.environ.get("SPOT_WATCHER_DRAIN_CMD", "ray"),
                    help="the ray executable, as a shell-quoted string (tests substitute a recorder)")
+    p.add_argument("--node-id", default=os.environ.get("SPOT_WATCHER_NODE_ID"),
+                   help="hex id of the Ray node to drain (default: the node this runs on; set it when "
+                        "several raylets share one host)")
     args = p.parse_args(argv)
     url = args.metadata_url or DEFAULT_URLS[args.cloud]
     deadline = args.deadline if args.deadline is not None else DEFAULT_DEADLINES[args.cloud]
     return watch(args.cloud, url, interval_s=args.interval, default_deadline_s=deadline,
-                 max_polls=args.max_polls, drain_cmd=shlex.split(args.drain_cmd))
+                 max_polls=args.max_polls, drain_cmd=shlex.split(args.drain_cmd), node_id=args.node_id)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ function still reaches `mp.spawn` with its traceback, as before.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from typing import Any, Callable
 
@@ -23,11 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def run_on_gloo_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import http.server
 import importlib.util
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+
+from tests.cluster.fake_metadata import FakeMetadata, in_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "cluster" / "spot_watcher.py"
@@ -27,72 +26,9 @@ def _load_watcher():
 sw = _load_watcher()
 
 
-class FakeMetadata:
-    """IMDSv2 / GCE metadata imitation: no notice for the first `quiet_polls` polls, then one."""
-
-    def __init__(self, cloud: str, quiet_polls: int, notice_time: str | None = None):
-        self.cloud, self.quiet_polls, self.notice_time = cloud, quiet_polls, notice_time
-        self.polls = 0
-        self.token_requests = 0
-        self.bad_requests: list[str] = []
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def _send(self, code: int, body: str = "") -> None:
-                data = body.encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_PUT(self):
-                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    fake.token_requests += 1
-                    return self._send(200, "tok-123")
-                fake.bad_requests.append(f"PUT {self.path}")
-                self._send(400)
-
-            def do_GET(self):
-                if fake.cloud == "aws" and self.path == "/latest/meta-data/spot/instance-action":
-                    if self.headers.get("X-aws-ec2-metadata-token") != "tok-123":
-                        fake.bad_requests.append("GET without IMDSv2 token")
-                        return self._send(401)
-                    fake.polls += 1
-                    if fake.polls <= fake.quiet_polls:
-                        return self._send(404)
-                    return self._send(200, json.dumps({"action": "terminate", "time": fake.notice_time}))
-                if fake.cloud == "gcp" and self.path == "/computeMetadata/v1/instance/preempted":
-                    if self.headers.get("Metadata-Flavor") != "Google":
-                        fake.bad_requests.append("GET without Metadata-Flavor")
-                        return self._send(403)
-                    fake.polls += 1
-                    return self._send(200, "FALSE" if fake.polls <= fake.quiet_polls else "TRUE")
-                fake.bad_requests.append(f"GET {self.path}")
-                self._send(404)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _in(seconds: int) -> str:
-    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def test_aws_notice_after_n_polls_drains_with_deadline():
     calls = []
-    with FakeMetadata("aws", quiet_polls=3, notice_time=_in(110)) as fake:
+    with FakeMetadata("aws", quiet_polls=3, notice_time=in_seconds(110)) as fake:
         rc = sw.watch("aws", fake.url, interval_s=0.01, max_polls=20, drain_cmd=["ray"],
                       run=lambda cmd: calls.append(cmd) or 0, log=lambda m: None)
     assert rc == 0
@@ -147,6 +83,8 @@ def test_drain_command_parses_with_the_installed_ray_cli():
     assert ctx.params["reason"] == "DRAIN_NODE_REASON_PREEMPTION"
     assert ctx.params["deadline_remaining_seconds"] == 95
     assert ctx.params["node_id"] is None  # defaults to the local node
+    named = sw.drain_command(["ray"], "notice", None, node_id="ab" * 28)
+    assert drain_node.make_context("drain-node", named[2:]).params["node_id"] == "ab" * 28
 
 
 def test_cli_end_to_end_with_recorder_drain_cmd(tmp_path):
@@ -154,7 +92,7 @@ def test_cli_end_to_end_with_recorder_drain_cmd(tmp_path):
     record = tmp_path / "argv.json"
     recorder = tmp_path / "recorder.py"
     recorder.write_text(f"import json, sys\nopen({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
-    with FakeMetadata("aws", quiet_polls=2, notice_time=_in(60)) as fake:
+    with FakeMetadata("aws", quiet_polls=2, notice_time=in_seconds(60)) as fake:
         proc = subprocess.run(
             [sys.executable, str(SCRIPT), "--cloud", "aws", "--metadata-url", fake.url, "--interval", "0.01",
              "--max-polls", "50", "--drain-cmd", f"{sys.executable} {recorder}"],

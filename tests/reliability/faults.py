@@ -8,6 +8,7 @@ worker's sys.path. The 2-worker gradient test fails if a worker cannot import it
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,35 @@ class InfGradient:
 
         handle = param.register_hook(put_inf)
         print(f"[fault] rank {rank} step {step}: inf injected into a gradient", flush=True)
+
+
+class HoldForPreemption:
+    """`before_backward` hook of the spot-preemption test, driven by flag files in `flags`.
+
+    Before step `notice_step` every rank writes `waiting.rank<r>` and waits for `drained` (the
+    test drains the node the workers sit on), then gives Ray Train's drain poll time to tell the
+    workers; after that step the run takes its just-in-time checkpoint. Before the next step it
+    waits for `node_gone`, so the run cannot finish on the draining node: it is still there when
+    the test kills the node. A resumed attempt finds both flags and never waits."""
+
+    def __init__(self, flags: str, notice_step: int, notice_delay_s: float = 2.0, timeout_s: float = 300.0):
+        self.flags, self.notice_step = Path(flags), notice_step
+        self.notice_delay_s, self.timeout_s = notice_delay_s, timeout_s
+
+    def _wait(self, name: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not (self.flags / name).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"HoldForPreemption: no {self.flags / name} after {self.timeout_s:.0f}s")
+            time.sleep(0.1)
+
+    def __call__(self, module: torch.nn.Module, step: int, rank: int) -> None:
+        if step == self.notice_step and not (self.flags / "drained").exists():
+            (self.flags / f"waiting.rank{rank}").touch()
+            self._wait("drained")
+            time.sleep(self.notice_delay_s)
+        elif step == self.notice_step + 1:
+            self._wait("node_gone")
 
 
 def fake_checkpoint(root: Path, step: int) -> Path:
