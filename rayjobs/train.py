@@ -54,14 +54,19 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     )
 
 
-def apply_local_env() -> None:
-    """Set cluster/local_env.yaml's variables in this process (a variable already set wins) before
-    an embedded Ray starts: its raylet, Train controller, workers and Ray Data actors inherit them."""
+def local_env_defaults() -> dict[str, str]:
+    """cluster/local_env.yaml's variables, as strings."""
     import yaml
 
     defaults = (yaml.safe_load(LOCAL_ENV.read_text()) or {}).get("env_vars") or {}
-    for key, value in defaults.items():
-        os.environ.setdefault(key, str(value))
+    return {key: str(value) for key, value in defaults.items()}
+
+
+def apply_local_env() -> None:
+    """Set cluster/local_env.yaml's variables in this process (a variable already set wins) before
+    an embedded Ray starts: its raylet, Train controller, workers and Ray Data actors inherit them."""
+    for key, value in local_env_defaults().items():
+        os.environ.setdefault(key, value)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

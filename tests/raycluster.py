@@ -147,13 +147,6 @@ class RayCluster:
                 raise ClusterError(f"nodes {sorted(node_ids)} not alive after {START_TIMEOUT_S}s:\n{self.log_tail()}")
             time.sleep(0.5)
 
-    def node_of(self, pid: int) -> RayNode | None:
-        """The node whose raylet started process `pid` (None: not one of this cluster's)."""
-        for node in [self.head, *self.nodes]:
-            if node is not None and any(p.pid == pid for p in node.processes()):
-                return node
-        return None
-
     def stop(self) -> None:
         for node in [*reversed(self.nodes), self.head]:
             if node is not None and node.proc.poll() is None:

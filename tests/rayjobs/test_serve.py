@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,6 +14,7 @@ import requests
 from core.related_index import EMBEDDINGS_FILE, read_embeddings
 from rayjobs import embed
 from rayjobs import serve as serve_job
+from tests.conftest import free_port
 
 # One Ray Data embedding job plus one Serve start for the module: about a minute on 2 idle cores
 # (400 s measured with the machine's 1-min load at 90-125).
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "test-token-1234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def service(ray_local, tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("index") / "exact"
     embed.run_embed(tiny_run.export_dir, tiny_run.data_dir, out, index_kind="exact", actors=1, batch_size=20,
                     shard_size=100)
-    port = _free_port()
+    port = free_port()
     serve_job.start({"index": str(out), "token": TOKEN, "max_k": 20, "max_image_bytes": 50_000}, port=port)
     yield f"http://127.0.0.1:{port}", out
     serve.shutdown()

@@ -19,9 +19,8 @@ import time
 
 import psutil
 import pytest
-import yaml
 
-from rayjobs.train import LOCAL_ENV
+from rayjobs.train import local_env_defaults
 from tests.cluster.fake_metadata import FakeMetadata, in_seconds
 from tests.raycluster import RAY, RayCluster, start_cluster
 from tests.reliability.conftest import FAULT_RUN, REPO, saved_state, subprocess_env
@@ -54,8 +53,7 @@ def worker_nodes(cluster: RayCluster) -> set[str]:
 
 @pytest.fixture
 def spot_cluster():
-    local = yaml.safe_load(LOCAL_ENV.read_text())["env_vars"]
-    env = {k: str(v) for k, v in local.items()}
+    env = local_env_defaults()  # what an embedded Ray gets, for every node here
     env.update(RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.25", PYTHONPATH=str(REPO),
                TOKENIZERS_PARALLELISM="false", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
                # Raylets prestart one idle Python worker per CPU for the first driver: on 2 cores,
