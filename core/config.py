@@ -255,6 +255,8 @@ class DataConfig:
     """How pairs meet their notes: `broadcast` (each preprocessing actor loads notes.parquet once and looks notes up by id: starts in seconds, holds the notes table per actor), `shuffle` (Ray Data hash join: for notes tables that do not fit an actor), `auto` (broadcast when notes.parquet is at most 1 GiB)."""
     seed: int = 0
     """Seed of the corpus generator and the train/test split."""
+    hard_negatives: int = 0
+    """Mined hard negatives per training pair (0 = in-batch negatives only): each pair's first K `negative_ids` (written by `python -m rayjobs.mine_negatives`) join the loss as extra candidates for every row, masked where they are the row's own note or positive; needs the broadcast pair join."""
     feature_cache: str = "auto"
     """Frozen vision features: `auto` computes the encoder's outputs (patch tokens + pooled feature) once per corpus into `<path>/feature_cache/` and trains, validates and evaluates on them instead of decoding and encoding images (a changed encoder, image size, preprocessing or image recomputes them; a corrupt cache is rebuilt); `off` encodes images every step. Remote `path`s (s3://, gs://) always encode."""
 
@@ -270,6 +272,9 @@ class DataConfig:
             self.feature_cache = "off"
         _check_choice(s, "feature_cache", self.feature_cache, FEATURE_CACHE_MODES)
         _check_range(s, "seed", self.seed, lo=0)
+        _check_range(s, "hard_negatives", self.hard_negatives, lo=0)
+        if self.hard_negatives and self.pair_join == "shuffle":
+            _fail(s, "pair_join", self.pair_join, "auto or broadcast with data.hard_negatives (negatives are looked up by id)")
         _check_types(self, s)
 
 

@@ -404,8 +404,8 @@ def check_modality(model_cfg, modality: str) -> None:
 
 def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | None = None, *,
                       modality: str = "both", split: str = "val", pool: str | None = None, preprocessor=None,
-                      return_per_query: bool = False, kind: str = "multimodal", dims=None, features="auto",
-                      rank: int = 0, world: int = 1):
+                      return_per_query: bool = False, kind: str = "multimodal", dims=None, dim: int | None = None,
+                      features="auto", rank: int = 0, world: int = 1):
     """Recall@K on held-out pairs, in-process (the training loop's validation; the demo's final tables).
 
     Reads pairs_<split>.parquet and notes.parquet from `data_dir`, preprocesses the needed notes
@@ -429,6 +429,8 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
             (the raw frozen vision feature: the no-training baseline).
         dims: Matryoshka widths also scored (`evaluate_dims`, under "dims"); default the trained
             ones, `run_cfg.loss.matryoshka_dims` (none for image-features).
+        dim: score the embedding's first `dim` coordinates, re-normalised, as the embedding
+            (`prefix_embeddings`; the per-query frame is then that width's).
         features: a `core.data.features.FeatureCache`, None (encode pixels), or `auto`: the
             cache of `model.vision` when `data.feature_cache` allows (`feature_cache_for`).
         rank, world: with world > 1 every rank of the default process group calls this; each
@@ -466,6 +468,8 @@ def validation_recall(model, data_dir: str, run_cfg, device, max_queries: int | 
         ids, emb = gather_embeddings(ids)[0], gather_embeddings(emb)[0]  # [world * share], [world * share, d]
         ids, first = np.unique(ids.numpy(), return_index=True)  # drop the padding repeats
         ids, emb = torch.from_numpy(ids), emb[torch.from_numpy(first)]
+    if dim is not None:
+        emb = prefix_embeddings(emb, dim)
     metrics, per_query = evaluate_embeddings(ids, emb, protocol, run_cfg.eval.ks, run_cfg.eval.chunk_size,
                                              ties=run_cfg.eval.ties)
     dims = (run_cfg.loss.matryoshka_dims if kind != "image-features" else []) if dims is None else dims

@@ -29,6 +29,8 @@ def pair_contrastive_loss(
     log_scale: torch.Tensor,
     note_ids: torch.Tensor | None = None,
     *,
+    negatives: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
     gather: str = "no_grad",
     max_log_scale: float | None = None,
 ) -> torch.Tensor:
@@ -39,6 +41,12 @@ def pair_contrastive_loss(
         log_scale: scalar tensor tau; logits are cos-similarities times e^tau.
         note_ids: optional int [2B]; a column holding the same note as the row itself or the row's
             positive (other than the positive) is dropped from the denominator.
+        negatives: optional [N, d] un-normalised hard-negative embeddings (`data.hard_negatives`):
+            extra candidate columns for every row (gathered across workers like the pairs),
+            never rows of their own.
+        negative_ids: int [N] note ids of `negatives`; -1 marks an empty slot (a pair with fewer
+            mined negatives), masked for every row. With `note_ids`, a negative that is the
+            row's own note or its positive is masked like an in-batch duplicate.
         gather: cross-worker mode of `gather_embeddings` (`none`, `no_grad`, `with_grad`).
         max_log_scale: clamp tau to [0, max_log_scale] (None: no clamp).
 
@@ -60,13 +68,30 @@ def pair_contrastive_loss(
         tau = tau.clamp(0.0, max_log_scale)
     sims = emb @ emb.T  # [M, M]
     masked = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device)
+    id_gather = "no_grad" if gather != "none" else "none"
+    col_ids = None  # note id of every column, when known: [M] or [M + N * world]
+    if negatives is not None:
+        neg = F.normalize(negatives.float(), dim=-1)
+        neg, _ = gather_embeddings(neg, gather)  # [Nw, d], Nw = N * world
+        sims = torch.cat([sims, emb @ neg.T], dim=1)  # [M, M + Nw]
+        masked = torch.cat([masked, torch.zeros(masked.shape[0], neg.shape[0], dtype=torch.bool, device=masked.device)], dim=1)
+        if negative_ids is not None:
+            if negative_ids.shape[0] != negatives.shape[0]:
+                raise ValueError(f"negative_ids must have {negatives.shape[0]} entries, got {negative_ids.shape[0]}")
+            nids, _ = gather_embeddings(negative_ids.reshape(-1, 1), id_gather)
+            nids = nids.reshape(-1)  # [Nw]
+            masked[:, emb.shape[0]:] |= (nids < 0)[None, :]  # empty slots are nobody's candidate
+            col_ids = nids
+        elif note_ids is not None:
+            raise ValueError("duplicate masking with hard negatives needs their negative_ids")
     if note_ids is not None:
         if note_ids.shape[0] != n_local:
             raise ValueError(f"note_ids must have {n_local} entries, got {note_ids.shape[0]}")
-        ids, _ = gather_embeddings(note_ids.reshape(-1, 1), "no_grad" if gather != "none" else "none")
+        ids, _ = gather_embeddings(note_ids.reshape(-1, 1), id_gather)
         ids = ids.reshape(-1)  # [M]
-        same_as_row = ids[None, :] == ids[:, None]
-        same_as_pos = ids[None, :] == ids[positives][:, None]
+        col_ids = ids if col_ids is None else torch.cat([ids, col_ids])  # [M] or [M + Nw]
+        same_as_row = col_ids[None, :] == ids[:, None]
+        same_as_pos = col_ids[None, :] == ids[positives][:, None]
         dup = same_as_row | same_as_pos
         dup[torch.arange(dup.shape[0], device=dup.device), positives] = False  # keep the positive
         masked = masked | dup
@@ -86,6 +111,8 @@ def matryoshka_loss(
     weights=None,
     note_ids: torch.Tensor | None = None,
     *,
+    negatives: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
     gather: str = "no_grad",
     max_log_scale: float | None = None,
 ) -> torch.Tensor:
@@ -101,6 +128,7 @@ def matryoshka_loss(
         dims: increasing prefix widths, each <= d (e.g. [8, 16, 32, 64]).
         weights: one weight per dim (None: all 1).
         note_ids: optional int [2B] for duplicate masking (as in `pair_contrastive_loss`).
+        negatives, negative_ids: hard negatives as in `pair_contrastive_loss` (prefixed alike).
         gather, max_log_scale: as in `pair_contrastive_loss`.
 
     Returns:
@@ -117,6 +145,7 @@ def matryoshka_loss(
     total = None
     for d, w in zip(dims, weights):
         term = w * pair_contrastive_loss(embeddings[:, :d], log_scale, note_ids, gather=gather,
-                                         max_log_scale=max_log_scale)
+                                         negatives=None if negatives is None else negatives[:, :d],
+                                         negative_ids=negative_ids, max_log_scale=max_log_scale)
         total = term if total is None else total + term
     return total

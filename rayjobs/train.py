@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from core.config import ConfigError, PrepareConfig, RunConfig, load_run_config
+from core.data.negatives import check_negatives
 from core.data.prepare import prepare
 from core.data.schema import PAIRS_FILES, check_prepared
 from core.metrics import parse_metric_key
@@ -104,6 +105,7 @@ def ensure_data(cfg: RunConfig) -> None:
     present = [name for name in PAIRS_FILES.values() if (Path(cfg.data.path) / name).exists()]
     if len(present) == len(PAIRS_FILES):
         check_prepared(cfg.data.path)
+        check_negatives(Path(cfg.data.path) / PAIRS_FILES["train"], cfg.data.hard_negatives)
         return
     why = "no prepared data" if not present else f"prepared data without {sorted(set(PAIRS_FILES.values()) - set(present))}"
     print(f"[train] {why} in {cfg.data.path}; preparing corpus '{cfg.data.corpus}'", flush=True)

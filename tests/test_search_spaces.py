@@ -100,14 +100,18 @@ def test_bare_value_pins_a_key(tmp_path: Path):
     assert spec.run_config({"loss.alpha": 3.0}).train.max_steps == 4
 
 
-def test_matryoshka_and_grad_cache_keys_can_be_swept():
+def test_matryoshka_grad_cache_and_hard_negative_keys_can_be_swept():
     """List-valued choices (Matryoshka widths) reach Optuna as strings and come back as lists."""
     spec = sweep_from_dict(_sweep(parameters={
         "loss.matryoshka_dims": {"type": "choice", "values": [[], [4, 8, 16]]},
         "loss.matryoshka_weights": {"type": "fixed", "value": None},
-        "loss.grad_cache_chunk_size": {"type": "choice", "values": [0, 2]}}), "mrl.yaml")
+        "loss.grad_cache_chunk_size": {"type": "choice", "values": [0, 2]},
+        "data.hard_negatives": {"type": "int", "low": 0, "high": 4}}), "mrl.yaml")
     dist = spec.optuna_space()["loss.matryoshka_dims"]
     assert list(dist.choices) == ["list:[]", "list:[4, 8, 16]"]
-    cfg = spec.run_config({"loss.matryoshka_dims": dist.choices[1], "loss.grad_cache_chunk_size": 2})
-    assert cfg.loss.matryoshka_dims == [4, 8, 16] and cfg.loss.grad_cache_chunk_size == 2
+    cfg = spec.run_config({"loss.matryoshka_dims": dist.choices[1], "loss.grad_cache_chunk_size": 2,
+                           "data.hard_negatives": 3})
+    assert cfg.loss.matryoshka_dims == [4, 8, 16] and cfg.loss.grad_cache_chunk_size == 2 and cfg.data.hard_negatives == 3
+    with pytest.raises(SweepError, match="hard_negatives"):
+        sweep_from_dict(_sweep(parameters={"data.hard_negatives": {"type": "int", "low": -1, "high": 2}}), "hn.yaml")
     assert spec.run_config({"loss.matryoshka_dims": dist.choices[0]}).loss.matryoshka_dims == []

@@ -10,6 +10,9 @@ Pair rows carry the layout of `core.step`: `{q,t}_input_ids` / `{q,t}_attention_
 (T = `core.prompts.prompt_length_bound`, fixed so Ray Data blocks stack), `{q,t}_pixel_values`
 uint8 [3,S,S] (S = model.image_size; the columns are absent when the model uses no image:
 prompt_mode `text` and late_fusion off), `{q,t}_has_image` bool, `{q,t}_note_id` int64.
+With `data.hard_negatives` = K, train pairs also carry their first K mined negatives
+(`negative_ids`, written by `rayjobs.mine_negatives`) as `n_`-prefixed columns with a slot axis
+[K, ...] plus `n_valid` (layout: `core.step`); this needs the broadcast join.
 A missing or undecodable image becomes zeros with has_image False; the preprocessing actor
 logs how many and why.
 
@@ -40,6 +43,7 @@ from typing import Iterator
 
 import numpy as np
 
+from core.data.negatives import NEGATIVES_COLUMN, negative_slots
 from core.data.schema import NOTES_FILE, PAIRS_FILES, data_path
 from core.paths import is_remote
 
@@ -200,14 +204,15 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64, max_pairs:
     pairs_path = data_path(data_dir, PAIRS_FILES[split])
     cols = _note_columns(run_cfg.model, decode_images)
     _progress_bars_only_on_a_terminal()
-    pairs = ray.data.read_parquet(pairs_path, columns=["query_id", "target_id"])
+    negatives = int(run_cfg.data.hard_negatives) if split == "train" else 0
+    pairs = ray.data.read_parquet(pairs_path, columns=["query_id", "target_id"] + ([NEGATIVES_COLUMN] if negatives else []))
     if max_pairs is not None:
         pairs = pairs.limit(int(max_pairs))
     notes_path = data_path(data_dir, NOTES_FILE)
-    if pair_join_mode(notes_path, run_cfg.data.pair_join) == "broadcast":
+    if negatives or pair_join_mode(notes_path, run_cfg.data.pair_join) == "broadcast":
         return pairs.map_batches(
             PairPreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "notes_path": notes_path, "columns": cols,
-                                                     "decode_images": decode_images},
+                                                     "decode_images": decode_images, "negatives": negatives},
             compute=_actor_pool(run_cfg), batch_size=batch_size, batch_format="pyarrow",
         )
     notes = ray.data.read_parquet(notes_path, columns=cols)
@@ -244,9 +249,10 @@ class PairPreprocessor:
     """Broadcast join + preprocessing in one actor: loads notes.parquet once, sorted by id, and
     turns each batch of (query_id, target_id) rows into the pair layout by looking both notes
     up. Pairs whose notes are missing are dropped, counted and logged (a hash join drops them
-    silently). Holds the notes table (compressed image bytes or URIs) in actor memory."""
+    silently). Holds the notes table (compressed image bytes or URIs) in actor memory.
+    `negatives` = K adds each pair's first K `negative_ids` as the `n_` columns (`core.step`)."""
 
-    def __init__(self, model_cfg, notes_path: str, columns: list[str], decode_images: bool = True):
+    def __init__(self, model_cfg, notes_path: str, columns: list[str], decode_images: bool = True, negatives: int = 0):
         import pyarrow.parquet as pq
 
         self.prep = NotePreprocessor(model_cfg, decode_images=decode_images)
@@ -256,6 +262,8 @@ class PairPreprocessor:
         self.ids, self.notes = ids[order], notes.take(order)
         self.notes_path = notes_path
         self.missing = 0
+        self.negatives = int(negatives)
+        self.missing_negatives = 0
 
     def __call__(self, batch) -> dict:
         cols = _columns(batch)
@@ -272,6 +280,18 @@ class PairPreprocessor:
             for key, value in self.prep(self.notes.take(rows)).items():
                 if key != "text_chars":
                     out[prefix + key] = value
+        if self.negatives:
+            lists = [cols[NEGATIVES_COLUMN][i] for i in np.flatnonzero(keep)]
+            ids, valid = negative_slots(lists, q[keep], self.negatives)  # [n, K] each
+            rows = self._rows(ids.reshape(-1))  # [n*K]
+            absent = (rows < 0) & valid.reshape(-1)
+            if absent.any():
+                self.missing_negatives += int(absent.sum())
+                log.warning("%s: %d mined negative(s) so far are not in the file; their slots stay empty",
+                            self.notes_path, self.missing_negatives)
+            valid &= rows.reshape(valid.shape) >= 0
+            rows = np.where(rows >= 0, rows, np.repeat(qi[keep], self.negatives))  # empty slot: the query note
+            out.update(negative_columns(self.prep(self.notes.take(rows)), valid))
         return out
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
@@ -280,6 +300,14 @@ class PairPreprocessor:
             return np.full(len(ids), -1, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return np.where(self.ids[pos] == ids, pos, -1)
+
+
+def negative_columns(prepared: dict, valid: np.ndarray) -> dict:
+    """The `n_` columns of a pair batch from the preprocessed negatives [n*K] and the slot mask [n, K]."""
+    n, k = valid.shape
+    out = {"n_" + key: value.reshape(n, k, *value.shape[1:]) for key, value in prepared.items() if key != "text_chars"}
+    out["n_valid"] = valid
+    return out
 
 
 def _num_partitions(pairs_path: str) -> int:
@@ -314,10 +342,21 @@ def iter_pair_batches_local(data_dir, split: str, run_cfg, batch_size: int, seed
     import pyarrow.parquet as pq
     import torch
 
-    pairs = pq.read_table(data_path(data_dir, PAIRS_FILES[split]), columns=["query_id", "target_id"])
+    negatives = int(run_cfg.data.hard_negatives) if split == "train" else 0
+    pairs = pq.read_table(data_path(data_dir, PAIRS_FILES[split]),
+                          columns=["query_id", "target_id"] + ([NEGATIVES_COLUMN] if negatives else []))
     q, t = pairs["query_id"].to_numpy(), pairs["target_id"].to_numpy()
     needed = np.unique(np.concatenate([q, t]))
     notes = pq.read_table(data_path(data_dir, NOTES_FILE), columns=_note_columns(run_cfg.model, decode_images))
+    if negatives:
+        neg_ids, neg_valid = negative_slots(pairs[NEGATIVES_COLUMN].to_pylist(), q, negatives)  # [P, K]
+        known = np.isin(neg_ids, notes["note_id"].to_numpy())
+        if (neg_valid & ~known).any():
+            log.warning("%s: %d mined negative(s) are not in %s; their slots stay empty", data_dir,
+                        int((neg_valid & ~known).sum()), NOTES_FILE)
+        neg_valid &= known
+        neg_ids = np.where(neg_valid, neg_ids, q[:, None])  # empty slot: the query note
+        needed = np.union1d(needed, neg_ids.reshape(-1))
     notes = notes.filter(pc.is_in(notes["note_id"], value_set=pa.array(needed)))
     order = np.argsort(notes["note_id"].to_numpy(), kind="stable")
     notes = notes.take(order)
@@ -338,4 +377,8 @@ def iter_pair_batches_local(data_dir, split: str, run_cfg, batch_size: int, seed
         for prefix, idx in (("q_", qi[rows]), ("t_", ti[rows])):
             for k in keys:
                 batch[prefix + k] = torch.from_numpy(np.ascontiguousarray(table[k][idx]))
+        if negatives:
+            idx = np.searchsorted(ids, neg_ids[rows].reshape(-1))  # [b*K]
+            cols = negative_columns({k: table[k][idx] for k in keys}, neg_valid[rows])
+            batch.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cols.items()})
         yield batch

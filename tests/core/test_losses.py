@@ -12,8 +12,10 @@ from core.losses import matryoshka_loss, micl_loss, pair_contrastive_loss, pair_
 from tests.gloo import run_on_gloo_ranks
 
 
-def reference_loss(emb: torch.Tensor, tau: torch.Tensor, excluded: dict[int, set[int]] | None = None) -> torch.Tensor:
-    """−1/(2B) Σ_i log( exp(S_i,p(i)·e^τ) / Σ_{j≠i, j∉excluded(i)} exp(S_ij·e^τ) ), rows [q_1..q_B, t_1..t_B].
+def reference_loss(emb: torch.Tensor, tau: torch.Tensor, excluded: dict[int, set[int]] | None = None,
+                   negatives: torch.Tensor | None = None, neg_excluded: dict[int, set[int]] | None = None) -> torch.Tensor:
+    """−1/(2B) Σ_i log( exp(S_i,p(i)·e^τ) / Σ_{j≠i, j∉excluded(i)} exp(S_ij·e^τ) ), rows [q_1..q_B, t_1..t_B];
+    with `negatives` [N, d] the denominator also sums their columns n ∉ neg_excluded(i).
 
     Written with explicit loops over rows and columns so it shares no code path with the
     vectorised implementation; it stays differentiable for the gradient comparison.
@@ -21,6 +23,7 @@ def reference_loss(emb: torch.Tensor, tau: torch.Tensor, excluded: dict[int, set
     n = emb.shape[0]
     half = n // 2
     e = emb / emb.norm(dim=1, keepdim=True)
+    neg = [] if negatives is None else negatives / negatives.norm(dim=1, keepdim=True)
     scale = tau.exp()
     total = emb.new_zeros(())
     for i in range(n):
@@ -30,6 +33,9 @@ def reference_loss(emb: torch.Tensor, tau: torch.Tensor, excluded: dict[int, set
             if j == i or j in (excluded or {}).get(i, set()):
                 continue
             denom = denom + torch.exp((e[i] @ e[j]) * scale)
+        for j in range(len(neg)):
+            if j not in (neg_excluded or {}).get(i, set()):
+                denom = denom + torch.exp((e[i] @ neg[j]) * scale)
         total = total + torch.log(torch.exp((e[i] @ e[p]) * scale) / denom)
     return -total / n
 
@@ -136,6 +142,35 @@ def test_bad_shapes_raise():
         pair_contrastive_loss(torch.randn(4, 3), torch.tensor(3.0), note_ids=torch.arange(3))
 
 
+def test_hard_negatives_are_extra_columns_for_every_row_with_empty_slots_and_duplicates_masked():
+    g = torch.Generator().manual_seed(7)
+    B, K, d = 3, 2, 8
+    emb = torch.randn(2 * B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    neg = torch.randn(B * K, d, generator=g, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(2.0, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 2, 10, 11, 12])
+    # slot 1: empty; slot 2: row q_1's own note (id 1); slot 4: q_0's positive t_0 (id 10)
+    neg_ids = torch.tensor([20, -1, 1, 21, 10, 22])
+    got = pair_contrastive_loss(emb, tau, ids, negatives=neg, negative_ids=neg_ids)
+    # rows whose own note or positive is a negative: q_1 / t_1 (id 1), q_0 / t_0 (id 10)
+    dropped = {i: {1} | ({2} if i in (1, 4) else set()) | ({4} if i in (0, 3) else set()) for i in range(2 * B)}
+    want = reference_loss(emb, tau, negatives=neg, neg_excluded=dropped)
+    assert torch.allclose(got.double(), want, rtol=1e-6), (got.item(), want.item())  # the loss computes in fp32
+    got.backward()
+    g_got = (emb.grad.clone(), neg.grad.clone())
+    emb.grad, neg.grad = None, None
+    want.backward()
+    assert torch.allclose(g_got[0], emb.grad, atol=1e-6) and torch.allclose(g_got[1], neg.grad, atol=1e-6)
+    assert neg.grad[1].abs().max() == 0  # an empty slot takes no part
+    # without ids only the empty slot is masked; more candidates make the loss larger
+    plain = pair_contrastive_loss(emb, tau)
+    no_ids = pair_contrastive_loss(emb, tau, negatives=neg, negative_ids=neg_ids)
+    want_no_ids = reference_loss(emb, tau, negatives=neg, neg_excluded={i: {1} for i in range(2 * B)})
+    assert torch.allclose(no_ids.double(), want_no_ids, rtol=1e-6) and no_ids > plain
+    with pytest.raises(ValueError, match="negative_ids"):
+        pair_contrastive_loss(emb, tau, ids, negatives=neg)
+
+
 def test_matryoshka_loss_is_the_weighted_sum_over_prefixes_normalised_on_their_own():
     torch.manual_seed(5)
     emb = torch.randn(10, 12, dtype=torch.float64)
@@ -207,7 +242,20 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
             loss = pair_contrastive_loss(emb, tau, note_ids=ids, gather=mode)
             loss.backward()
             results[(mode, use_ids)] = (loss.detach(), emb.grad.clone())
+    neg, neg_ids = _negatives()
+    sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    loss = pair_contrastive_loss(_local_block(q, t, rank), torch.tensor(3.0), note_ids=_local_block(q_ids, t_ids, rank),
+                                 negatives=neg[sl], negative_ids=neg_ids[sl])
+    results["negatives"] = loss
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def _negatives():
+    """One hard negative per pair; rank 1's first is rank 0's q_0 (a cross-rank duplicate of a row), its second empty."""
+    neg = torch.randn(WORLD * B_LOCAL, DIM, generator=torch.Generator().manual_seed(43))
+    neg_ids = torch.arange(200, 200 + WORLD * B_LOCAL)
+    neg_ids[B_LOCAL], neg_ids[B_LOCAL + 1] = 0, -1
+    return neg, neg_ids
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +288,12 @@ def test_gathered_loss_equals_single_process_loss(gathered_results, mode, use_id
         # The cross-rank duplicate matters: ids change the value.
         plain = pair_contrastive_loss(torch.cat([q, t]), torch.tensor(3.0))
         assert not torch.allclose(single.detach(), plain)
+
+
+def test_gathered_hard_negatives_equal_single_process(gathered_results):
+    q, t, q_ids, t_ids = _global_batch()
+    neg, neg_ids = _negatives()
+    single = pair_contrastive_loss(torch.cat([q, t]), torch.tensor(3.0), note_ids=torch.cat([q_ids, t_ids]),
+                                   gather="none", negatives=neg, negative_ids=neg_ids)
+    for rank in range(WORLD):
+        assert torch.allclose(gathered_results[rank]["negatives"], single, rtol=1e-5, atol=1e-6)
