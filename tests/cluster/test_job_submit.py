@@ -7,7 +7,9 @@ ports). What is checked is what cluster/README.md promises:
 - the same submission without the token, or with a wrong one, is refused before anything runs,
   and so is a bare HTTP request to the Jobs API;
 - the dashboard / Jobs API listens on loopback only, and the GCS (which listens on every
-  interface) refuses a driver without the token.
+  interface) refuses a driver without the token;
+- after training, the embedding job runs under `ray job submit` too, and `serve run
+  cluster/serve.yaml` serves its index on the same cluster.
 
     pytest tests/cluster/test_job_submit.py -m slow     # about 4 minutes on 2 busy CPU cores
 """
@@ -15,16 +17,22 @@ ports). What is checked is what cluster/README.md promises:
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import requests
 import yaml
+
+from core.related_index import EMBEDDINGS_FILE, MANIFEST_FILE, read_embeddings
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI, as in conftest.py
@@ -77,18 +85,30 @@ def wait_for_job(head, submission_id: str) -> dict:
                 f"{job_logs(head, submission_id)}")
 
 
-def test_submitted_smoke_job_succeeds_and_writes_artefacts(ray_head, tmp_path):
-    smoke = yaml.safe_load((ROOT / SMOKE).read_text())
-    storage, data = tmp_path / "runs", tmp_path / "data"
-    sid = f"smoke-{uuid.uuid4().hex[:8]}"
-
-    sub = ray_cli(submit_cmd(ray_head, sid, storage, data), ray_head.client_env())
+def submit_and_wait(head, sid: str, cmd: list[str]) -> tuple[dict, str]:
+    """Submit, wait for a terminal state; (job info, logs), the job having succeeded."""
+    sub = ray_cli(cmd, head.client_env())
     assert sub.returncode == 0, f"ray job submit failed ({sub.returncode}):\n{sub.stdout}\n{sub.stderr}"
     assert sid in sub.stdout + sub.stderr
-
-    info = wait_for_job(ray_head, sid)
-    logs = job_logs(ray_head, sid)
+    info = wait_for_job(head, sid)
+    logs = job_logs(head, sid)
     assert info["status"] == "SUCCEEDED", f"job {sid} {info['status']}: {info.get('message')}\nlogs:\n{logs}"
+    return info, logs
+
+
+@pytest.fixture(scope="module")
+def submitted_smoke(ray_head, tmp_path_factory):
+    """The README's smoke training job, submitted once for the module: (storage, data, logs)."""
+    base = tmp_path_factory.mktemp("submitted")
+    storage, data = base / "runs", base / "data"
+    sid = f"smoke-{uuid.uuid4().hex[:8]}"
+    _, logs = submit_and_wait(ray_head, sid, submit_cmd(ray_head, sid, storage, data))
+    return storage, data, logs
+
+
+def test_submitted_smoke_job_succeeds_and_writes_artefacts(submitted_smoke):
+    smoke = yaml.safe_load((ROOT / SMOKE).read_text())
+    storage, data, logs = submitted_smoke
     assert "[train] run directory:" in logs, logs
 
     run_dir = storage / "submitted"
@@ -172,3 +192,55 @@ def test_gcs_refuses_a_driver_without_the_token(ray_head, clean_env, tmp_path):
     assert "InvalidAuthToken" in text, text[-3000:]
     accepted = subprocess.run(connect, env=ray_head.client_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert accepted.returncode == 0 and "CONNECTED" in accepted.stdout, (accepted.stdout + accepted.stderr)[-3000:]
+
+
+def test_embed_job_then_serve_run_of_the_shipped_config(ray_head, submitted_smoke, tmp_path):
+    """After training: `ray job submit -- python -m rayjobs.embed` on the cluster writes the index;
+    `serve run cluster/serve.yaml` (index and port pointed here) serves it over HTTP, and
+    /related answers as brute force over the index's embeddings.parquet does."""
+    storage, data, _ = submitted_smoke
+    index = tmp_path / "index"
+    sid = f"embed-{uuid.uuid4().hex[:8]}"
+    _, logs = submit_and_wait(ray_head, sid, [
+        RAY, "job", "submit", "--address", ray_head.dashboard_url, "--no-wait", "--submission-id", sid,
+        "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
+        "python", "-m", "rayjobs.embed", "--checkpoint", str(storage / "submitted" / "export"), "--data", str(data),
+        "--out", str(index), "--shard-size", "64"])
+    assert "shard(s) of 64" in logs and (index / MANIFEST_FILE).is_file(), logs
+    ids, emb = read_embeddings(index / EMBEDDINGS_FILE)
+    assert len(ids) == pq.read_metadata(data / "notes.parquet").num_rows
+
+    config = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["index"] = str(index)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    log = (tmp_path / "serve_run.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(tmp_path / "serve.yaml")], cwd=ROOT,
+                            env=ray_head.client_env(RAY_ADDRESS=ray_head.gcs_address), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "serve_run.log").read_text()[-4000:]
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert health["count"] == len(ids) and health["index"] == "exact", health
+        for row in (0, len(ids) // 2):
+            got = requests.get(f"{url}/related/{ids[row]}", params={"k": 5}, timeout=30).json()["related"]
+            scores = emb @ emb[row]  # [N]
+            order = [i for i in np.argsort(-scores, kind="stable") if i != row][:5]
+            assert [r["note_id"] for r in got] == ids[order].tolist()
+            np.testing.assert_allclose([r["score"] for r in got], scores[order], rtol=1e-5, atol=1e-6)
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: serve run tears its application down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
