@@ -225,7 +225,7 @@ def test_embed_job_then_serve_run_of_the_shipped_config(ray_head, submitted_smok
             try:
                 if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or the proxy holds the request until the app is up
                 pass
             time.sleep(1)
         assert proc.poll() is None, (tmp_path / "serve_run.log").read_text()[-4000:]
