@@ -47,7 +47,7 @@ from core.related_index import (
     read_embeddings,
     write_index_dir,
 )
-from rayjobs.evaluate import embedding_batches, init_ray, run_config_of
+from rayjobs.evaluate import embedding_batches, run_config_of, run_export_command
 
 PLAN_FILE = "plan.json"
 DEFAULT_SHARD_SIZE = 4096
@@ -206,26 +206,9 @@ def check_args(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    problem = check_args(args)
-    if problem:
-        print(f"rayjobs.embed: error: {problem}", file=sys.stderr)
-        return 2
-    from core.config import ConfigError
-    from core.data.schema import DataError
-
-    try:
-        run_cfg = run_config_of(args.checkpoint, None)
-    except (ConfigError, FileNotFoundError, OSError) as err:
-        print(f"rayjobs.embed: error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
-    init_ray(args.num_cpus or max(os.cpu_count() or 1, args.actors + run_cfg.data.preprocess_actors + 1))
-    try:
-        run_embed(args.checkpoint, args.data, args.out, dim=args.dim, index_kind=args.index, actors=args.actors,
-                  batch_size=args.batch_size or run_cfg.eval.batch_size, shard_size=args.shard_size)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"rayjobs.embed: error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
-    return 0
+    return run_export_command("rayjobs.embed", args, check_args(args), lambda run_cfg: run_embed(
+        args.checkpoint, args.data, args.out, dim=args.dim, index_kind=args.index, actors=args.actors,
+        batch_size=args.batch_size or run_cfg.eval.batch_size, shard_size=args.shard_size))
 
 
 if __name__ == "__main__":

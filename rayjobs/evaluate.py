@@ -138,6 +138,32 @@ def init_ray(num_cpus: int | None):
     return ray
 
 
+def run_export_command(prog: str, args, problem: str | None, work: Callable) -> int:
+    """The `main` of a command that embeds with a model export on Ray (`rayjobs.embed`,
+    `rayjobs.mine_negatives`): `problem` (from its check_args) or a bad export or input is one
+    line on stderr and exit 2; otherwise Ray starts (`--num-cpus`, or enough logical CPUs for
+    `--actors` plus the preprocessing actors) and `work(run_cfg)` runs. `args` has checkpoint,
+    actors and num_cpus."""
+    from core.config import ConfigError
+    from core.data.schema import DataError
+
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        run_cfg = run_config_of(args.checkpoint, None)
+    except (ConfigError, FileNotFoundError, OSError) as err:
+        print(f"{prog}: error: {err}".splitlines()[0], file=sys.stderr)
+        return 2
+    init_ray(args.num_cpus or max(os.cpu_count() or 1, args.actors + run_cfg.data.preprocess_actors + 1))
+    try:
+        work(run_cfg)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}".splitlines()[0], file=sys.stderr)
+        return 2
+    return 0
+
+
 def embedding_batches(data_dir: str, run_cfg, note_ids, *, checkpoint: str | None = None, untrained: dict | None = None,
                       kind: str = "multimodal", modality: str = "both", actors: int = 1, batch_size: int = 32):
     """Embed `note_ids` with a Ray Data actor pool, yielding (note_ids int64 [b], embeddings float32 [b, d]).

@@ -37,7 +37,7 @@ from core.data.negatives import NEGATIVES_REPORT_FILE, mine_hard_negatives, pars
 from core.data.schema import EVENTS_FILE, PAIRS_FILES, DataError, read_table, write_table
 from core.paths import local_only
 from core.related_index import finalize_embeddings
-from rayjobs.evaluate import embed_with_ray, init_ray, run_config_of
+from rayjobs.evaluate import embed_with_ray, run_config_of, run_export_command
 
 TRAIN_PAIRS = PAIRS_FILES["train"]
 
@@ -138,26 +138,10 @@ def check_args(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    problem = check_args(args)
-    if problem:
-        print(f"rayjobs.mine_negatives: error: {problem}", file=sys.stderr)
-        return 2
-    from core.config import ConfigError
-
-    try:
-        run_cfg = run_config_of(args.checkpoint, None)
-    except (ConfigError, FileNotFoundError, OSError) as err:
-        print(f"rayjobs.mine_negatives: error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
-    init_ray(args.num_cpus or max(os.cpu_count() or 1, args.actors + run_cfg.data.preprocess_actors + 1))
-    try:
-        run_mining(args.checkpoint, args.data, args.out, num_negatives=args.num_negatives,
-                   rank_range=parse_rank_range(args.rank_range), relative_margin=args.relative_margin, seed=args.seed,
-                   actors=args.actors, batch_size=args.batch_size or run_cfg.eval.batch_size)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"rayjobs.mine_negatives: error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
-    return 0
+    return run_export_command("rayjobs.mine_negatives", args, check_args(args), lambda run_cfg: run_mining(
+        args.checkpoint, args.data, args.out, num_negatives=args.num_negatives,
+        rank_range=parse_rank_range(args.rank_range), relative_margin=args.relative_margin, seed=args.seed,
+        actors=args.actors, batch_size=args.batch_size or run_cfg.eval.batch_size))
 
 
 if __name__ == "__main__":
