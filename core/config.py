@@ -256,7 +256,7 @@ class DataConfig:
     seed: int = 0
     """Seed of the corpus generator and the train/test split."""
     hard_negatives: int = 0
-    """Mined hard negatives per training pair (0 = in-batch negatives only): each pair's first K `negative_ids` (written by `python -m rayjobs.mine_negatives`) join the loss as extra candidates for every row, masked where they are the row's own note or positive; needs the broadcast pair join."""
+    """Mined hard negatives per training pair (0 = in-batch negatives only): each pair's first K `negative_ids` (written by `python -m rayjobs.mine_negatives`, nearest first) join the loss as extra candidates for every row; empty slots are masked, and with loss.mask_duplicates (the default) so is a negative that is the row's own note or positive; needs the broadcast pair join."""
     feature_cache: str = "auto"
     """Frozen vision features: `auto` computes the encoder's outputs (patch tokens + pooled feature) once per corpus into `<path>/feature_cache/` and trains, validates and evaluates on them instead of decoding and encoding images (a changed encoder, image size, preprocessing or image recomputes them; a corrupt cache is rebuilt); `off` encodes images every step. Remote `path`s (s3://, gs://) always encode."""
 

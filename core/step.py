@@ -111,6 +111,8 @@ def compute_loss(embeddings, log_scale: torch.Tensor, note_ids: torch.Tensor | N
     `num_negatives`: the last rows of each embedding (and of `note_ids`, -1 = empty slot) are
     hard negatives, candidates only (layout: module docstring).
     """
+    if num_negatives and note_ids is None:
+        raise ValueError("compute_loss with hard negatives needs note_ids (-1 marks an empty slot)")
     split = (note_ids.shape[0] if note_ids is not None else embeddings.multimodal.shape[0]) - num_negatives
     neg_ids = note_ids[split:] if num_negatives else None
     ids = note_ids[:split] if loss_cfg.mask_duplicates and note_ids is not None else None

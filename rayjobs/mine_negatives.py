@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-range", default="10:100", help="LO:HI, the neighbour ranks negatives come from "
                                                            "(0 = the nearest other note)")
     p.add_argument("--relative-margin", type=float, default=0.05,
-                   help="drop candidates scoring >= (1 - margin) x the pair's positive score")
+                   help="drop candidates scoring >= (1 - margin) x the pair's positive score (pos - margin*|pos| below zero)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample among eligible candidates")
     p.add_argument("--actors", type=int, default=1, help="embedding actors (one model load each)")
     p.add_argument("--batch-size", type=int, default=None, help="notes per embedding batch (default: eval.batch_size)")

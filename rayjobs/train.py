@@ -107,6 +107,8 @@ def ensure_data(cfg: RunConfig) -> None:
         check_prepared(cfg.data.path)
         check_negatives(Path(cfg.data.path) / PAIRS_FILES["train"], cfg.data.hard_negatives)
         return
+    if cfg.data.hard_negatives:  # refuse before preparing: a freshly prepared corpus has no mined negatives
+        check_negatives(Path(cfg.data.path) / PAIRS_FILES["train"], cfg.data.hard_negatives)
     why = "no prepared data" if not present else f"prepared data without {sorted(set(PAIRS_FILES.values()) - set(present))}"
     print(f"[train] {why} in {cfg.data.path}; preparing corpus '{cfg.data.corpus}'", flush=True)
     prepare(cfg.data.corpus, cfg.data.path, PrepareConfig(num_notes=cfg.data.num_notes, seed=cfg.data.seed,

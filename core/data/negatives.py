@@ -10,8 +10,9 @@ training notes and gives every pair a list of negative note ids (`negative_ids`,
       positive        paired with q in the training pairs (either direction)
       co_occurring    in one click-log event with q (viewed -> clicked, either direction)
       above_range     r < lo: too close to be safely negative
-      margin          score(q, c) >= (1 - relative_margin) * score(q, t) for the pair's target t:
-                      a likely unlabelled positive (positive-aware filtering)
+      margin          score(q, c) >= score(q, t) - relative_margin * |score(q, t)| for the pair's
+                      target t ((1 - margin) x the positive for a positive score): a likely
+                      unlabelled positive (positive-aware filtering)
     and the pair keeps a seeded random sample of at most K of the rest (ranks lo..hi-1).
 
 `negative_slots` turns the lists into the fixed K slots a training batch carries (`core.step`):
@@ -113,7 +114,7 @@ def mine_hard_negatives(pairs: pa.Table, events: pa.Table | None, note_ids: np.n
         embeddings: float32 [N, d], L2-normalised rows (`core.related_index.finalize_embeddings`).
         num_negatives: K, negatives kept per pair (at most).
         rank_range: (lo, hi): candidate ranks lo..hi-1.
-        relative_margin: drop candidates scoring >= (1 - margin) * the pair's positive score.
+        relative_margin: drop candidates scoring >= pos - margin * |pos|, pos the pair's positive score.
         seed: seed of the sample of K among the eligible candidates.
 
     Returns:
@@ -143,7 +144,7 @@ def mine_hard_negatives(pairs: pa.Table, events: pa.Table | None, note_ids: np.n
     negatives = []
     for p in range(len(q)):
         qid, i = int(q[p]), query_row[int(q[p])]
-        threshold = (1.0 - relative_margin) * pos_scores[p]
+        threshold = pos_scores[p] - relative_margin * abs(pos_scores[p])  # = (1 - m) * pos when pos >= 0
         eligible, rank = [], 0
         for cid, score in zip(nn_ids[i], nn_scores[i]):
             cid = int(cid)
@@ -196,7 +197,7 @@ def check_negatives(pairs_path: str | Path, k: int) -> None:
     """Fail in one line when `data.hard_negatives` = k > 0 but the training pairs have no negatives."""
     from core.data.schema import DataError
 
-    if k and NEGATIVES_COLUMN not in pq.read_schema(pairs_path).names:
+    if k and (not Path(pairs_path).exists() or NEGATIVES_COLUMN not in pq.read_schema(pairs_path).names):
         raise DataError(f"{pairs_path}: data.hard_negatives={k} needs a {NEGATIVES_COLUMN} column; mine it with "
                         f"python -m rayjobs.mine_negatives --checkpoint RUN/export --data DATA --out NEW_DATA "
                         f"and train on NEW_DATA")

@@ -209,7 +209,11 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64, max_pairs:
     if max_pairs is not None:
         pairs = pairs.limit(int(max_pairs))
     notes_path = data_path(data_dir, NOTES_FILE)
-    if negatives or pair_join_mode(notes_path, run_cfg.data.pair_join) == "broadcast":
+    mode = pair_join_mode(notes_path, run_cfg.data.pair_join)
+    if negatives and mode == "shuffle":
+        log.warning("%s: data.hard_negatives looks negatives up by id, so every preprocessing actor loads the whole "
+                    "notes table (broadcast join) although pair_join=auto would shuffle a file this large", notes_path)
+    if negatives or mode == "broadcast":
         return pairs.map_batches(
             PairPreprocessor, fn_constructor_kwargs={"model_cfg": _model_dict(run_cfg), "notes_path": notes_path, "columns": cols,
                                                      "decode_images": decode_images, "negatives": negatives},

@@ -234,9 +234,12 @@ def test_embed_job_then_serve_run_of_the_shipped_config(ray_head, submitted_smok
         for row in (0, len(ids) // 2):
             got = requests.get(f"{url}/related/{ids[row]}", params={"k": 5}, timeout=30).json()["related"]
             scores = emb @ emb[row]  # [N]
-            order = [i for i in np.argsort(-scores, kind="stable") if i != row][:5]
-            assert [r["note_id"] for r in got] == ids[order].tolist()
-            np.testing.assert_allclose([r["score"] for r in got], scores[order], rtol=1e-5, atol=1e-6)
+            order = [i for i in np.argsort(-scores, kind="stable") if i != row][:6]  # one past k: the boundary
+            np.testing.assert_allclose([r["score"] for r in got], scores[order[:5]], rtol=1e-5, atol=1e-6)
+            # the same notes in the same order wherever the scores are not near-ties (FAISS and
+            # NumPy may round the last bit differently)
+            clear = [j for j in range(5) if all(abs(scores[order[j]] - scores[o]) > 1e-5 for o in order if o != order[j])]
+            assert len(clear) >= 3 and [got[j]["note_id"] for j in clear] == ids[[order[j] for j in clear]].tolist()
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: serve run tears its application down
         try:

@@ -83,3 +83,9 @@ def test_training_on_data_without_negatives_fails_in_one_line(smoke_data, tmp_pa
                      "--set", f"train.storage_path={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and any("rayjobs.mine_negatives" in line for line in err), err
+    # data.path with nothing prepared yet: a prepared corpus would have no negatives, so it refuses before preparing
+    rc = train.main(["--config", str(SMOKE_CONFIG), "--set", f"data.path={tmp_path / 'fresh'}", "--set",
+                     "data.hard_negatives=2", "--set", f"train.storage_path={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and any("negative_ids" in line for line in err), err
+    assert not (tmp_path / "fresh" / "pairs_train.parquet").exists()

@@ -36,7 +36,7 @@ def _brute_force_eligible(ids, emb, pairs, events, p, lo, hi, margin):
     co |= {int(a) for a, b in zip(events["viewed_note_id"].to_pylist(), events["clicked_note_id"].to_pylist()) if b == q}
     pos = scores[row[t]]
     return [c for r, c in enumerate(others) if lo <= r < hi and c not in related and c not in co
-            and scores[row[c]] < (1 - margin) * pos]
+            and scores[row[c]] < pos - margin * abs(pos)]
 
 
 @pytest.mark.parametrize("lo, hi, margin", [(0, 39, 0.0), (3, 20, 0.05), (5, 12, 0.3)])
