@@ -353,6 +353,38 @@ class _PreemptionWatch:
         return self.saved
 
 
+class _EagerBatches:
+    """An epoch of the shard's batches whose streaming starts now, in a background thread, so
+    that Ray Data's start (the read task, the preprocessing actor's process and first batch)
+    overlaps whatever the worker does before its first step (the model build, DeepSpeed's init).
+    Iterating it waits for that first batch, then continues the same iterator in this thread."""
+
+    def __init__(self, batches: Iterable):
+        import threading
+
+        self._it = iter(batches)
+        self._first: list = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._it))
+        except StopIteration:
+            pass
+        except BaseException as err:  # re-raised where the batches are consumed
+            self._error = err
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        self._first.clear()
+        yield from self._it
+
+
 def _log_scalars(writer, prefix: str, values: dict, step: int) -> None:
     if writer is not None:
         for k, v in values.items():
@@ -428,6 +460,12 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device(t.use_gpu)
     _init_process_group_if_local(t.use_gpu)
+    shard = ray.train.get_dataset_shard("train")
+
+    def epoch_batches() -> Iterable:
+        return shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True)
+
+    first_epoch = _EagerBatches(epoch_batches())  # streams while the model builds
     engine, tokenizer, features, total_steps = _build_engine(cfg, rank, world, device)
     state, ckpt_suffix = resume_state(engine, cfg, rank, world, device)
     start_epoch, skip_batches, first_step = state.epoch, state.batches_in_epoch, state.step
@@ -440,12 +478,12 @@ def train_fn_per_worker(config: dict, *, wrap_batches: Callable[[Iterable], Iter
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(Path(t.storage_path) / t.name / "tensorboard"))
-    shard = ray.train.get_dataset_shard("train")
     preemption = _PreemptionWatch(local_mode=t.num_workers == 0)
     t_start, notes_seen, last_metrics = time.time(), 0, {}
     while state.epoch < t.epochs and state.step < total_steps:
         state.batches_in_epoch = 0
-        for batch in (wrap_batches or iter)(shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True)):
+        batches, first_epoch = first_epoch or epoch_batches(), None
+        for batch in (wrap_batches or iter)(batches):
             state.batches_in_epoch += 1
             if state.epoch == start_epoch and state.batches_in_epoch <= skip_batches:
                 continue  # consumed before the interruption
