@@ -136,27 +136,22 @@ def _actor_pool(run_cfg):
     return ray.data.ActorPoolStrategy(size=int(run_cfg.data.preprocess_actors))
 
 
-def _data_context() -> None:
-    """The Ray Data settings every dataset of this module is made with (datasets carry the
-    context they were made in).
+def _progress_bars_only_on_a_terminal() -> None:
+    """Ray Data redraws its progress bars many times a second; written to a log file or a Ray
+    job's output that is tens of thousands of lines per run. Keep them for a terminal only
+    (`NOTELLM2_PROGRESS_BARS=1` forces them on). Datasets carry the context they were made in.
 
-    - Parquet through Ray's V1 reader: Ray 2.60's default V2 reader starts 32 footer-reading
-      actors (a Python process each) for every `read_parquet`, however many files it reads. Our
-      reads are one file each; on 2 cores those processes delayed the first pair batch from
-      3.7 s to 11.5 s on a warm cluster (7.5 s to 14.5 s on a fresh one). The V1 reader reads
-      the same columns, local or object storage.
-    - Ray Data redraws its progress bars many times a second; written to a log file or a Ray
-      job's output that is tens of thousands of lines per run. Keep them for a terminal only
-      (`NOTELLM2_PROGRESS_BARS=1` forces them on).
-    """
+    Parquet stays on Ray 2.60's default (V2) reader. Its V1 reader gave the first pair batch
+    ~1 s sooner, but it cuts a file into many small blocks, and `streaming_split` then handed
+    them to the workers in arrival order: on a two-node cluster the same seed gave another step-1
+    loss (tests/reliability/test_preemption.py). The V2 reader's 32 footer actors per read are
+    cut to one for the embedded Ray by cluster/local_env.yaml."""
     import sys
 
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.use_datasource_v2 = False
     if os.environ.get("NOTELLM2_PROGRESS_BARS") != "1" and not sys.stdout.isatty():
-        ctx.enable_progress_bars = False
+        DataContext.get_current().enable_progress_bars = False
 
 
 def note_dataset(data_dir, run_cfg, note_ids=None, batch_size: int = 64, decode_images: bool = True):
@@ -175,7 +170,7 @@ def note_dataset(data_dir, run_cfg, note_ids=None, batch_size: int = 64, decode_
     """
     import ray.data
 
-    _data_context()
+    _progress_bars_only_on_a_terminal()
     ds = ray.data.read_parquet(data_path(data_dir, NOTES_FILE), columns=_note_columns(run_cfg.model, decode_images))
     if note_ids is not None:
         keep = np.unique(np.asarray(list(note_ids), dtype=np.int64))
@@ -214,7 +209,7 @@ def pair_dataset(data_dir, split: str, run_cfg, batch_size: int = 64, max_pairs:
         raise ValueError(f"split {split!r}: allowed {', '.join(PAIRS_FILES)}")
     pairs_path = data_path(data_dir, PAIRS_FILES[split])
     cols = _note_columns(run_cfg.model, decode_images)
-    _data_context()
+    _progress_bars_only_on_a_terminal()
     negatives = int(run_cfg.data.hard_negatives) if split == "train" else 0
     pairs = ray.data.read_parquet(pairs_path, columns=["query_id", "target_id"] + ([NEGATIVES_COLUMN] if negatives else []))
     if max_pairs is not None:

@@ -130,11 +130,11 @@ def test_local_env_defaults_reach_the_embedded_rays_workers():
     code = ("import json, os, ray\nfrom rayjobs.train import ensure_ray\nensure_ray(2)\n"
             f"print(json.dumps(ray.get(ray.remote(lambda: {{k: os.environ.get(k) for k in {keys!r}}}).remote())))")
     env = {k: v for k, v in os.environ.items() if k not in local and k != "RAY_ADDRESS"}
-    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "3"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen == {**local, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    assert seen == {**local, "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "3"}
     assert "[ray] embedded local Ray: 2 logical CPUs" in proc.stdout
 
 
