@@ -17,7 +17,7 @@ import pytest
 
 from core.config import load_run_config
 from rayjobs.train import build_trainer, run_training
-from rayjobs.train_worker import train_fn_per_worker
+from rayjobs.train_worker import _EagerBatches, train_fn_per_worker
 from tests.conftest import RESUMABLE, copy_run
 
 SMOKE = Path(__file__).resolve().parents[2] / "rayjobs" / "configs" / "smoke.yaml"
@@ -32,6 +32,31 @@ def counting_train_fn(config: dict) -> None:
             yield batch
 
     train_fn_per_worker(config, wrap_batches=count)
+
+
+def test_eager_batches_fetch_the_first_one_in_the_background_then_continue_in_order():
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def batches():
+        started.set()  # runs in the background thread, before anyone iterates
+        yield 1
+        release.wait(5)
+        yield from (2, 3)
+
+    eager = _EagerBatches(batches())
+    assert started.wait(5)
+    release.set()
+    assert list(eager) == [1, 2, 3]
+    assert list(_EagerBatches(iter(()))) == []  # an empty epoch stays empty
+
+    def broken():
+        raise OSError("shard gone")
+        yield
+
+    with pytest.raises(OSError, match="shard gone"):  # raised where the batches are consumed
+        list(_EagerBatches(broken()))
 
 
 def smoke_cfg(tmp_path, data_dir, name, *overrides):
